@@ -1,0 +1,155 @@
+"""TokenDanceConfig: the ``--tokendance-*`` options, parsed, validated and carried to workers."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Mode = Literal["tokendance", "pic", "off"]
+MODES: tuple[str, ...] = ("tokendance", "pic", "off")
+SELECTIONS: tuple[str, ...] = ("leading", "deviation", "hybrid")
+MASTER_POLICIES: tuple[str, ...] = ("fresh", "author")
+DEFAULT_SEPARATOR = "<|td|>"
+
+
+@dataclass(slots=True, frozen=True)
+class TokenDanceConfig:
+    """Options of the TokenDance plugin (one per server; pickled to the scheduler)."""
+
+    enabled: bool = False
+    mode: str = "tokendance"
+    recompute_ratio: float = 0.15
+    round_timeout_ms: float = 2000.0
+    selection: str = "leading"
+    master_policy: str = "fresh"
+    check_layer: int = 1
+    separator: str = DEFAULT_SEPARATOR
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--tokendance-mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(
+                f"--tokendance-recompute-ratio must be in [0, 1], got {self.recompute_ratio}"
+            )
+        if self.round_timeout_ms <= 0:
+            raise ValueError(
+                f"--tokendance-round-timeout-ms must be > 0, got {self.round_timeout_ms}"
+            )
+        if self.selection not in SELECTIONS:
+            raise ValueError(
+                f"--tokendance-selection must be one of {SELECTIONS}, got {self.selection!r}"
+            )
+        if self.master_policy not in MASTER_POLICIES:
+            raise ValueError(
+                f"--tokendance-master-policy must be one of {MASTER_POLICIES}, "
+                f"got {self.master_policy!r}"
+            )
+        if self.check_layer < 0:
+            raise ValueError(f"--tokendance-check-layer must be >= 0, got {self.check_layer}")
+        if not self.separator:
+            raise ValueError("--tokendance-separator must be a non-empty string")
+
+    @property
+    def active(self) -> bool:
+        """True when hints are acted on (enabled and not mode off)."""
+        return self.enabled and self.mode != "off"
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self).items() if k != "enabled")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 milliseconds, got {value}")
+    return value
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--enable-tokendance`` and the ``--tokendance-*`` options to SGLang's parser."""
+    d = TokenDanceConfig()
+    g = parser.add_argument_group("TokenDance (collective KV sharing for multi-agent rounds)")
+    g.add_argument(
+        "--enable-tokendance",
+        action="store_true",
+        help="Enable TokenDance: round-aware scheduling, shared-segment KV reuse, diff storage.",
+    )
+    g.add_argument(
+        "--tokendance-mode",
+        choices=MODES,
+        default=d.mode,
+        help="tokendance: collective reuse + diff storage; pic: per-request position-independent "
+        "caching baseline (CacheBlend-like); off: stock SGLang prefix caching, hints ignored.",
+    )
+    g.add_argument(
+        "--tokendance-recompute-ratio",
+        type=_ratio,
+        default=d.recompute_ratio,
+        help="Fraction of each reused shared segment's tokens recomputed in every agent's "
+        "context (0 = pure reuse, 1 = full recompute). Default %(default)s.",
+    )
+    g.add_argument(
+        "--tokendance-round-timeout-ms",
+        type=_positive_ms,
+        default=d.round_timeout_ms,
+        help="How long a round waits for all its agents before running with those present. "
+        "Default %(default)s ms.",
+    )
+    g.add_argument(
+        "--tokendance-selection",
+        choices=SELECTIONS,
+        default=d.selection,
+        help="How the recompute set is chosen: leading tokens of each segment (EPIC-style), "
+        "KV deviation at the check layer (CacheBlend-style), or both.",
+    )
+    g.add_argument(
+        "--tokendance-master-policy",
+        choices=MASTER_POLICIES,
+        default=d.master_policy,
+        help="Where a shared segment's master KV comes from: computed fresh once per round, or "
+        "the KV its author produced while generating it (when still cached).",
+    )
+    g.add_argument(
+        "--tokendance-check-layer",
+        type=int,
+        default=d.check_layer,
+        help="Layer at which KV deviation is measured for deviation selection.",
+    )
+    g.add_argument(
+        "--tokendance-separator",
+        default=d.separator,
+        help="Separator string that splits plain-text prompts into segments for clients that "
+        "cannot send structured hints. Default %(default)r.",
+    )
+
+
+def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
+    """Build the config from parsed CLI args (raises ValueError on bad values)."""
+    return TokenDanceConfig(
+        enabled=bool(getattr(ns, "enable_tokendance", False)),
+        mode=getattr(ns, "tokendance_mode", "tokendance"),
+        recompute_ratio=float(getattr(ns, "tokendance_recompute_ratio", 0.15)),
+        round_timeout_ms=float(getattr(ns, "tokendance_round_timeout_ms", 2000.0)),
+        selection=getattr(ns, "tokendance_selection", "leading"),
+        master_policy=getattr(ns, "tokendance_master_policy", "fresh"),
+        check_layer=int(getattr(ns, "tokendance_check_layer", 1)),
+        separator=getattr(ns, "tokendance_separator", DEFAULT_SEPARATOR),
+    )

@@ -1,0 +1,1 @@
+"""CPU stand-ins for the CUDA-only pieces SGLang imports (see ``bootstrap``)."""

@@ -1,0 +1,172 @@
+"""Start and stop the real SGLang server on CPU (embedded default for tests, demo, replayer).
+
+``ServerProcess`` runs ``python -m sglang.launch_server`` in its own process group with the CPU
+flags SGLang 0.5.23 needs, waits until it answers, and always kills the whole group on exit,
+even when the caller fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import requests
+
+logger = logging.getLogger(__name__)
+
+# Flags SGLang needs on a CPU-only machine (see sglang-0.5.23-notes.md); any can be overridden.
+CPU_FLAGS: dict[str, str | None] = {
+    "--device": "cpu",
+    "--attention-backend": "torch_native",
+    "--sampling-backend": "pytorch",
+    "--cuda-graph-backend-decode": "disabled",
+    "--cuda-graph-backend-prefill": "disabled",
+    "--dtype": "float32",
+    "--mem-fraction-static": "0.05",
+    "--max-total-tokens": "65536",
+    "--max-running-requests": "32",
+    "--grammar-backend": "none",
+    "--host": "127.0.0.1",
+}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_command(model_path: str | Path, port: int, extra: list[str] | None = None) -> list[str]:
+    """``launch_server`` argv: CPU defaults, then ``extra`` (whose flags override defaults)."""
+    extra = list(extra or [])
+    given = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
+    argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
+    for flag, value in CPU_FLAGS.items():
+        if flag in given:
+            continue
+        argv.append(flag)
+        if value is not None:
+            argv.append(value)
+    if "--port" not in given:
+        argv += ["--port", str(port)]
+    return argv + extra
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+class ServerProcess:
+    """A real SGLang server in a subprocess; a context manager that always stops it.
+
+    Args:
+        model_path: model directory (default: the tiny Llama, built if needed).
+        extra_args: more ``launch_server`` flags (e.g. ``["--enable-tokendance"]``).
+        port: port to listen on (default: a free one).
+        log_path: where stdout/stderr go (default: a temp file); read it with :meth:`log`.
+        startup_timeout_s: how long to wait for the server to answer.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        extra_args: list[str] | None = None,
+        port: int | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout_s: float = 240.0,
+    ) -> None:
+        if model_path is None:
+            from sglang_tokendance.models import build
+
+            model_path = build("tiny", "llama")
+        self.model_path = str(model_path)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv = build_command(self.model_path, self.port, extra_args)
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="sglang-server-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServerProcess:
+        """Start the server and wait until /health_generate answers.
+
+        Raises:
+            RuntimeError: if the process exits or does not answer in time (log tail included).
+        """
+        logger.info("starting: %s", " ".join(self.argv))
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process in stop()
+        self._log_file = log
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
+        )
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(
+                    f"SGLang server exited with code {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"SGLang server did not answer in {self.startup_timeout_s}s:\n"
+                           f"{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the whole process group (SIGTERM, then SIGKILL after 15 s)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:  # children (scheduler, detokenizer) share the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if getattr(self, "_log_file", None) is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

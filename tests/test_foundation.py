@@ -1,0 +1,149 @@
+"""Foundation: the real SGLang server on CPU with the TokenDance plugin (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import torch
+
+from sglang_tokendance.server import ServerProcess, build_command, server_env
+
+PROMPTS = [
+    "Isabella Rodriguez is planning a Valentine's Day party at Hobbs Cafe.",
+    "Klaus Mueller is writing a research paper on the effects of gentrification",
+]
+MAX_NEW = 12
+
+
+def _hf_greedy(model_dir: Path, prompt: str) -> list[int]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def _sglang_greedy(url: str, prompt: str) -> list[int]:
+    r = requests.post(
+        url + "/generate",
+        json={
+            "text": prompt,
+            "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True},
+        },
+        timeout=120,
+    )
+    r.raise_for_status()
+    return list(r.json()["output_ids"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_outputs_match_hf_with_and_without_tokendance(
+    arch: str, request: pytest.FixtureRequest, start_server
+) -> None:
+    model = request.getfixturevalue(f"tiny_{arch}")
+    expected = [_hf_greedy(model, p) for p in PROMPTS]
+    assert all(len(e) == MAX_NEW for e in expected)
+    for extra in ([], ["--enable-tokendance"]):
+        srv = start_server(model, extra)
+        got = [_sglang_greedy(srv.url, p) for p in PROMPTS]
+        assert got == expected, f"flags {extra}: SGLang {got} != HF {expected}"
+        srv.stop()
+
+
+def test_tokendance_server_answers_generate_and_completions(tiny_llama: Path, start_server) -> None:
+    srv = start_server(tiny_llama, ["--enable-tokendance", "--tokendance-recompute-ratio", "0.2"])
+    r = requests.post(
+        srv.url + "/generate",
+        json={"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 4, "temperature": 0}},
+        timeout=60,
+    )
+    assert r.status_code == 200 and isinstance(r.json()["text"], str)
+    r = requests.post(
+        srv.url + "/v1/completions",
+        json={"model": "default", "prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    r = requests.post(
+        srv.url + "/v1/chat/completions",
+        json={
+            "model": "default",
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    log = srv.log()
+    assert "TokenDance is on: mode=tokendance, recompute_ratio=0.2" in log
+    assert "impl=TokenDanceRadixCache" in log
+
+
+def test_stock_server_does_not_mention_tokendance(tiny_llama: Path, start_server) -> None:
+    srv = start_server(tiny_llama)
+    log = srv.log()
+    assert "TokenDance is on" not in log
+    assert "impl=TokenDanceRadixCache" not in log
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tokendance-recompute-ratio", "1.5"], "must be in [0, 1], got 1.5"),
+        (["--tokendance-mode", "dense"], "invalid choice: 'dense'"),
+        (["--tokendance-round-timeout-ms", "-3"], "must be > 0 milliseconds"),
+        (["--page-size", "16"], "TokenDance requires --page-size 1"),
+    ],
+)
+def test_bad_option_stops_launch_with_clear_message(
+    tiny_llama: Path, flags: list[str], message: str
+) -> None:
+    cmd = build_command(tiny_llama, 1, ["--enable-tokendance", *flags])
+    res = subprocess.run(cmd, env=server_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert message in res.stderr + res.stdout
+
+
+def test_server_is_stopped_when_the_test_body_fails(tiny_llama: Path, tmp_path: Path) -> None:
+    srv = ServerProcess(tiny_llama, log_path=tmp_path / "s.log")
+    with pytest.raises(RuntimeError, match="boom"):
+        with srv:
+            pid = srv.proc.pid
+            raise RuntimeError("boom")
+    assert srv.proc.poll() is not None
+    # No live process of the group is left (zombies reparented to a non-reaping init don't run).
+    alive = [
+        p.pid
+        for p in psutil.process_iter(["status"])
+        if _pgid(p.pid) == pid and p.info["status"] != psutil.STATUS_ZOMBIE
+    ]
+    assert alive == []
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_cpu_standin_raises_clearly_for_unimplemented_ops() -> None:
+    code = (
+        "from sgl_kernel import fused_experts_cpu\n"
+        "try:\n    fused_experts_cpu(1)\nexcept NotImplementedError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "sgl_kernel.fused_experts_cpu is not available" in out.stdout
