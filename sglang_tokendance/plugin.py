@@ -30,6 +30,20 @@ HOOKED_NAMES: tuple[str, ...] = (
     "sglang.srt.mem_cache.registry.register_radix_cache_backend",
     "sglang.srt.mem_cache.radix_cache.RadixCache",
     "sglang.srt.plugins.hook_registry.HookRegistry.register",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request",
+    "sglang.srt.managers.scheduler.Scheduler.__init__",
+    "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
+    "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run",
+    "sglang.srt.managers.scheduler.Scheduler.process_batch_result",
+    "sglang.srt.managers.scheduler.Scheduler.abort_request",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend",
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+    "sglang.srt.managers.scheduler_components.internal_state."
+    "SchedulerInternalStateController.get_internal_state",
+    "sglang.srt.entrypoints.http_server.launch_server",
+    "sglang.srt.layers.attention.attention_registry.register_attention_backend",
+    "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend",
+    "sglang.srt.mem_cache.base_prefix_cache.MatchPrefixParams",
 )
 
 _registered = False
@@ -79,6 +93,10 @@ def _after_from_cli_args(server_args: Any, cls: Any, args: Any) -> Any:
             f"TokenDance requires --page-size 1 (token-sparse diffs); got --page-size {page_size}"
         )
     server_args.radix_cache_backend = BACKEND_NAME
+    # Every mode (off included) runs the same position-aware backend, so a comparison
+    # measures the reuse, not a kernel difference. Rows without layouts take torch_native's code.
+    if getattr(server_args, "attention_backend", None) in (None, "torch_native"):
+        server_args.attention_backend = BACKEND_NAME
     # The collector writes KV layouts from the scheduler between batches: overlap scheduling
     # would run the next batch's prep concurrently with the current forward.
     server_args.disable_overlap_schedule = True
@@ -114,4 +132,12 @@ def register() -> None:
     )
     if get_radix_cache_factory(BACKEND_NAME) is None:
         register_radix_cache_backend(BACKEND_NAME, _make_tree_cache)
+    from sglang_tokendance import entry, forward_hooks, scheduler, stats
+    from sglang_tokendance.attention.backend import register_backend
+
+    register_backend()
+    entry.install_hooks()
+    scheduler.install_hooks()
+    forward_hooks.install_hooks()
+    stats.install_hooks()
     _registered = True

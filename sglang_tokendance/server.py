@@ -113,7 +113,11 @@ class ServerProcess:
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process in stop()
         self._log_file = log
         self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
@@ -129,8 +133,9 @@ class ServerProcess:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"SGLang server did not answer in {self.startup_timeout_s}s:\n"
-                           f"{self.log_tail()}")
+        raise RuntimeError(
+            f"SGLang server did not answer in {self.startup_timeout_s}s:\n{self.log_tail()}"
+        )
 
     def stop(self) -> None:
         """Stop the whole process group (SIGTERM, then SIGKILL after 15 s)."""

@@ -114,8 +114,15 @@ def extend_attention_ref(
         slots = req_to_token[row, :s]
         kpos = key_positions(req_to_pos, layout_len, row, s)
         out[start : start + e] = attend_ref(
-            q[start : start + e], k_buffer, v_buffer, slots, kpos, slot_pos,
-            query_pos[start : start + e], rope, scaling,
+            q[start : start + e],
+            k_buffer,
+            v_buffer,
+            slots,
+            kpos,
+            slot_pos,
+            query_pos[start : start + e],
+            rope,
+            scaling,
         )
         start += e
     return out
@@ -150,7 +157,14 @@ def decode_attention_ref(
         row, s = int(req_pool_indices[b]), int(seq_lens[b])
         kpos = key_positions(req_to_pos, layout_len, row, s)
         out[b : b + 1] = attend_ref(
-            q[b : b + 1], k_buffer, v_buffer, req_to_token[row, :s], kpos, slot_pos, None,
-            rope, scaling,
+            q[b : b + 1],
+            k_buffer,
+            v_buffer,
+            req_to_token[row, :s],
+            kpos,
+            slot_pos,
+            None,
+            rope,
+            scaling,
         )
     return out

@@ -54,9 +54,7 @@ class RopeParams(NamedTuple):
         return self._replace(inv_freq=self.inv_freq.to(device=device, dtype=torch.float32))
 
 
-def delta_cos_sin(
-    delta: torch.Tensor, inv_freq: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def delta_cos_sin(delta: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of ``delta * inv_freq`` in float32, shape ``[n, rotary_dim // 2]``.
 
     The product is formed in float32, as SGLang forms ``t * inv_freq`` for its cache.
@@ -65,9 +63,7 @@ def delta_cos_sin(
     return ang.cos(), ang.sin()
 
 
-def rotate_by_delta(
-    k: torch.Tensor, delta: torch.Tensor | int, params: RopeParams
-) -> torch.Tensor:
+def rotate_by_delta(k: torch.Tensor, delta: torch.Tensor | int, params: RopeParams) -> torch.Tensor:
     """Rotate already-RoPE'd keys by a per-token position delta.
 
     Pairs are ``(i, i + rd/2)`` for neox style and ``(2i, 2i + 1)`` for interleaved
@@ -179,11 +175,13 @@ def _check_against_cache(rope: Any, inv_freq: torch.Tensor, mscale: float, name:
 
 
 def _rope_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "cos_sin_cache") or "Rotary" in type(m).__name__]
+    return [
+        m for m in model.modules() if hasattr(m, "cos_sin_cache") or "Rotary" in type(m).__name__
+    ]
 
 
-def _module_from_config(config: Any) -> Any:
-    """Build the rotary module a Llama/Qwen2-style SGLang model builds for ``config``."""
+def rope_module_from_config(config: Any) -> Any:
+    """The rotary module a Llama/Qwen2-style SGLang model builds for ``config`` (float32)."""
     from sglang.srt.layers.rotary_embedding import get_rope
     from sglang.srt.utils.hf_transformers_utils import get_rope_config
 
@@ -240,7 +238,7 @@ def rope_params_from_model(model_or_config: Any) -> RopeParams:
         name = f"model type {model_type!r}"
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{name} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
-        rope = _module_from_config(config)
+        rope = rope_module_from_config(config)
     if config is not None and getattr(config, "use_sliding_window", False):
         raise ValueError(f"{name}: sliding-window attention is not supported")
     try:
@@ -260,6 +258,11 @@ def rope_params_from_model(model_or_config: Any) -> RopeParams:
     )
     logger.info(
         "TokenDance RoPE: %s scaling=%s theta=%g rotary_dim=%d head_dim=%d neox=%s",
-        name, scaling, base, params.rotary_dim, params.head_dim, params.is_neox,
+        name,
+        scaling,
+        base,
+        params.rotary_dim,
+        params.head_dim,
+        params.is_neox,
     )
     return params

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from .audit import segment_stats, store_problems
 from .census import Chunk, IntegrityError, multiply_owned
 from .nodes import (
     AllGatherNode,
@@ -33,7 +34,6 @@ from .nodes import (
     resolve,
     token_hash,
 )
-from .audit import segment_stats, store_problems
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,9 @@ class SegmentStore:
 
     def stats(self, round_id: str | None = None) -> dict[str, float | int | None]:
         """Storage totals; with ``round_id``, the view of that round's mirrors only."""
-        mirrors = [m for m in self._mirrors.values() if round_id is None or m.key.round_id == round_id]
+        mirrors = [
+            m for m in self._mirrors.values() if round_id is None or m.key.round_id == round_id
+        ]
         nodes = list(self._nodes.values()) if round_id is None else list({m.node for m in mirrors})
         out = segment_stats(nodes, mirrors)
         out.update(
@@ -363,7 +365,9 @@ class SegmentStore:
 
     def owned_chunks(self) -> list[Chunk]:
         """Every slot the store owns, as labelled chunks for a census."""
-        chunks: list[Chunk] = [(f"master {n.node_id}", n.master_slots) for n in self._nodes.values()]
+        chunks: list[Chunk] = [
+            (f"master {n.node_id}", n.master_slots) for n in self._nodes.values()
+        ]
         chunks += [(f"mirror {tuple(k)}", m.slots) for k, m in self._mirrors.items()]
         return chunks
 

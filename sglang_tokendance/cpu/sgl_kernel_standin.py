@@ -31,7 +31,7 @@ def assign_req_to_token_pool_cpu(
     ends = end_offset.tolist()
     rows = req_pool_indices.tolist()
     pos = 0
-    for row, start, end in zip(rows, starts, ends):
+    for row, start, end in zip(rows, starts, ends, strict=True):
         n = end - start
         req_to_token[row, start:end] = out_cache_loc[pos : pos + n].to(req_to_token.dtype)
         pos += n

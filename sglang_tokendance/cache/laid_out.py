@@ -1,0 +1,138 @@
+"""The tree cache's side of laid-out rows: match, prefix indices, allocation, final insert.
+
+These functions implement, for a request carrying a :class:`~.layout.RowLayout`, the four
+points where SGLang asks the tree cache about a request:
+
+1. ``match_prefix``: radix-match the true-order private prefix (``c`` tokens), lay out the row
+   (:func:`~.layout.plan_row`), rewrite the request's input ids in row order, pin the masters,
+   and report ``c + m`` cached tokens of which only ``c`` are tree-owned.
+2. ``prefix_device_indices``: ``[radix slots of c][master slots of m]``.
+3. rows allocated (after ``prepare_for_extend``): record the row's true positions in the
+   position table and claim ``row[c : c + m]`` as foreign (masters' slots, never freed by it).
+4. final ``checkpoint``: insert the true-order private prefix ``true_ids[:p]`` into the radix
+   tree, gathering its slots from the two places the row holds them::
+
+       row:  [0 .. c-1][ m reused ][ c .. p-1 (fresh, first in the fresh region) ][ ... ]
+       key:  true_ids[0 .. p-1]  ->  slots row[0:c] ++ row[c+m : c+m+(p-c)]
+
+   so the next round's prefix match finds the whole private prefix.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams, MatchResult
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from .layout import RowLayout, plan_row
+
+ATTR = "tokendance_layout"
+
+
+def layout_of(req: Any) -> RowLayout | None:
+    return getattr(req, ATTR, None) if req is not None else None
+
+
+def _unpin_match_pins(cache: Any, lay: RowLayout) -> None:
+    for node in lay.reused_nodes:
+        cache.store.unpin(node)
+    lay.reused_nodes = []
+
+
+def match_laid_out(cache: Any, super_match: Any, params: MatchPrefixParams, lay: RowLayout) -> Any:
+    """``match_prefix`` for a laid-out request (see module docstring, point 1)."""
+    req = params.req
+    key = RadixKey(
+        array("q", lay.true_ids[: lay.prefix_len]),
+        extra_key=params.key.extra_key,
+        cache_salt=params.key.cache_salt,
+    )
+    res = super_match(MatchPrefixParams(key=key))
+    c = min(res.device_prefix_len, lay.prefix_len)
+    _unpin_match_pins(cache, lay)  # a re-match (request not admitted last time) re-plans
+    plan = plan_row(lay, c)
+    for node in plan.reused_nodes:  # before allocation can evict anything
+        cache.store.pin(node)
+    lay.cached_len = c
+    lay.row_pos = plan.row_pos
+    lay.reused_slots = plan.reused_slots
+    lay.reused_nodes = list(plan.reused_nodes)
+    row_ids = torch.tensor(lay.true_ids, dtype=torch.int64)[plan.row_pos].tolist()
+    if list(req.origin_input_ids) != row_ids:
+        req.origin_input_ids = type(req.origin_input_ids)(row_ids) if isinstance(
+            req.origin_input_ids, array
+        ) else row_ids
+        req.full_untruncated_fill_ids = array("q")  # forces a rebuild in row order
+        req.refresh_fill_ids()
+    m = int(plan.reused_slots.numel())
+    return res._replace(device_prefix_len=c + m, cache_protected_len=c)
+
+
+def prefix_indices_laid_out(cache: Any, req: Any, lay: RowLayout) -> torch.Tensor:
+    """``[radix slots of the c cached tokens][master slots]`` (point 2)."""
+    path = cache.path_device_indices(req.last_node)[: lay.cached_len].to(torch.int64)
+    reused = lay.reused_slots if lay.reused_slots is not None else path.new_empty(0)
+    out = torch.cat([path, reused.to(path.device)])
+    assert out.numel() == req.prefix_len, (out.numel(), req.prefix_len)
+    return out
+
+
+def on_rows_allocated(cache: Any, reqs: list[Any]) -> None:
+    """Record positions and claims once the requests' rows exist (point 3)."""
+    if cache.positions is None:
+        return
+    for req in reqs:
+        lay = layout_of(req)
+        row = req.req_pool_idx
+        if lay is None or lay.row_pos is None or row is None:
+            continue
+        if cache.positions.has_layout(row):
+            continue  # a later chunk of an already laid-out request
+        cache.positions.set_layout(row, lay.row_pos)
+        m = int(lay.reused_slots.numel())
+        if m:
+            cache.claim_row_ranges(row, [(lay.cached_len, lay.cached_len + m)])
+        for node in lay.reused_nodes:  # hand the match-time pins to the row (net zero)
+            cache.pin_segment(node, row)
+            cache.unpin_segment(node)
+        lay.reused_nodes = []
+
+
+def insert_true_prefix(cache: Any, req: Any, lay: RowLayout) -> None:
+    """At the final checkpoint, cache the whole true-order private prefix (point 4)."""
+    c, p = lay.cached_len, lay.prefix_len
+    if lay.row_pos is None or p <= c or req.req_pool_idx is None:
+        return
+    m = int(lay.reused_slots.numel())
+    row = cache.req_to_token_pool.req_to_token[req.req_pool_idx]
+    tail = torch.arange(c + m, c + m + (p - c))
+    assert torch.equal(lay.row_pos[tail], torch.arange(c, p)), "private tail not first in fresh"
+    slots = torch.cat([row[:c], row[tail]]).to(torch.int64)
+    key = RadixKey(array("q", lay.true_ids[:p]), extra_key=req.extra_key)
+    res = cache.insert(InsertParams(key=key, value=slots))
+    # Entries before res.prefix_len were already in the tree: ours stay the request's (freed
+    # by SGLang's release as duplicates); the rest now belong to the tree.
+    first_new = max(res.prefix_len, c)
+    if first_new < p:
+        cache.claim_row_ranges(req.req_pool_idx, [(c + m + first_new - c, c + m + p - c)])
+
+
+def release_unadmitted(cache: Any, req: Any) -> None:
+    """Undo match-time pins of a request that never got a row (aborted while queued)."""
+    lay = layout_of(req)
+    if lay is not None and lay.reused_nodes:
+        _unpin_match_pins(cache, lay)
+
+
+__all__ = [
+    "MatchResult",
+    "insert_true_prefix",
+    "layout_of",
+    "match_laid_out",
+    "on_rows_allocated",
+    "prefix_indices_laid_out",
+    "release_unadmitted",
+]

@@ -1,0 +1,91 @@
+"""Row claims: which entries of a running request's ``req_to_token`` row are not its own.
+
+SGLang frees a finished request's row by range: ``free_kv_row(kv, [(cache_protected_len,
+owned_len)])`` (the tree owns ``[0, cache_protected_len)``, the request the rest). A TokenDance
+row breaks that convention in two places::
+
+    row index j:  0 ........ p-1 | p ........... p+m-1 | p+m ...... n-1 | n ... (decode)
+    slots:        private prefix | master slots (store) | fresh tokens   | outputs
+                  tree / request | FOREIGN: never freed | some handed to | request
+                                 | by the request       | mirrors: FOREIGN
+
+A claim lists the foreign ranges of a row (half-open, in row positions), so the release path
+frees only the request's own slots, and the masters the row pinned, so they are unpinned when
+the request goes. Ranges are merged on the way in: a claim is a sorted list of disjoint ranges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .nodes import AllGatherNode
+
+Range = tuple[int, int]
+
+
+def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
+    """Sort and merge half-open ranges (touching ones merge); empty ranges are dropped.
+
+    Raises:
+        ValueError: on a negative start or a range with ``end < start``.
+    """
+    out: list[Range] = []
+    for start, end in sorted((int(s), int(e)) for s, e in ranges):
+        if start < 0 or end < start:
+            raise ValueError(f"bad row range [{start}, {end})")
+        if start == end:
+            continue
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def subtract_ranges(ranges: Sequence[Range], holes: Sequence[Range]) -> list[Range]:
+    """``ranges`` minus ``holes`` (both sorted disjoint half-open lists), sorted and disjoint.
+
+    Example: ``[(0, 10)] - [(2, 4), (6, 7)] = [(0, 2), (4, 6), (7, 10)]``.
+    """
+    out: list[Range] = []
+    for start, end in ranges:
+        cur = start
+        for h_start, h_end in holes:  # a handful of ranges per row: not a per-token loop
+            if h_end <= cur or h_start >= end:
+                continue
+            if h_start > cur:
+                out.append((cur, h_start))
+            cur = max(cur, h_end)
+            if cur >= end:
+                break
+        if cur < end:
+            out.append((cur, end))
+    return out
+
+
+@dataclass(slots=True)
+class RowClaim:
+    """TokenDance's bookkeeping for one ``req_to_token`` row while its request runs.
+
+    Attributes:
+        foreign: sorted disjoint row ranges whose slots belong to masters or mirrors.
+        pinned: masters pinned on behalf of the row (one entry per pin), unpinned at release.
+    """
+
+    foreign: list[Range] = field(default_factory=list)
+    pinned: list[AllGatherNode] = field(default_factory=list)
+
+    @property
+    def foreign_tokens(self) -> int:
+        return sum(end - start for start, end in self.foreign)
+
+    @property
+    def first_foreign(self) -> int | None:
+        return self.foreign[0][0] if self.foreign else None
+
+    def add(self, ranges: Iterable[Range]) -> int:
+        """Merge ``ranges`` into ``foreign``; return how many tokens became foreign."""
+        before = self.foreign_tokens
+        self.foreign = merge_ranges([*self.foreign, *ranges])
+        return self.foreign_tokens - before

@@ -1,0 +1,256 @@
+"""The KV Collector: once per round, decide masters, recompute sets and every agent's row.
+
+Round lifecycle (tokendance mode)::
+
+    barrier releases round r
+      -> start_round: every shared segment looked up by content (hash, verified)
+           found  -> its master is reused
+           missing-> one "master agent" (the first agent holding it) computes it in its own
+                     context with an ordinary full prefill (phase A)
+         agents whose segments all have masters get a RowLayout and run now (phase B);
+         the others wait for the round's master agents
+      -> after each prefill forward (on_prefill_done):
+           master agent: its segment rows become masters (slots handed to the cache, no copy)
+           reuse agent:  its recomputed slots become its mirrors (the diff)
+         when the last master agent is done, the waiting agents get layouts and run.
+
+Recompute sets are collective: chosen once per (round, segment) and shared by all agents.
+"leading" (EPIC-style) takes the first ceil(ratio * L) tokens of the segment. In ``pic`` mode
+(the per-request baseline) there is no round: each request plans alone, and keeps a dense
+private copy of every segment instead of referencing the master.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sglang_tokendance.cache.layout import RowLayout, SharedUse
+from sglang_tokendance.config import TokenDanceConfig
+from sglang_tokendance.hints import find_action, parse_payload
+
+logger = logging.getLogger(__name__)
+
+ATTR = "tokendance_layout"
+MASTER_ATTR = "tokendance_master"
+
+
+def layout_of(req: Any) -> RowLayout | None:
+    return getattr(req, ATTR, None)
+
+
+@dataclass(slots=True)
+class RoundState:
+    """The collector's record of one released round."""
+
+    round_id: str
+    seg_tokens: dict[str, tuple[int, ...]]
+    recompute: dict[str, torch.Tensor] = field(default_factory=dict)
+    masters_pending: set[str] = field(default_factory=set)  # rids of master agents
+    waiting: list[Any] = field(default_factory=list)  # reqs waiting for masters
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class Counters:
+    rounds: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    reused_tokens: int = 0
+    recompute_tokens: int = 0
+    masters_created: int = 0
+    collector_s: float = 0.0
+    barrier_wait_s: float = 0.0
+    per_round: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def select_recompute(length: int, ratio: float, selection: str) -> torch.Tensor:
+    """Segment-local indices recomputed for every agent (collective selection).
+
+    Only "leading" selection runs here (the first ``ceil(ratio * length)`` tokens): "deviation"
+    and "hybrid" need a check-layer pass and fall back to leading for now (logged once).
+    """
+    k = min(length, math.ceil(ratio * length))
+    return torch.arange(k, dtype=torch.int64)
+
+
+class Collector:
+    """Plans rounds against a TokenDanceRadixCache (duck-typed: no scheduler import here)."""
+
+    def __init__(self, cfg: TokenDanceConfig, tree_cache: Any) -> None:
+        self.cfg = cfg
+        self.cache = tree_cache
+        self.rounds: dict[str, RoundState] = {}
+        self.counters = Counters()
+        if cfg.selection != "leading":
+            logger.warning("selection %r not implemented yet: using leading tokens", cfg.selection)
+
+    # ---- hints -> layouts ---------------------------------------------------------------
+    def parse(self, req: Any) -> RowLayout | None:
+        """The request's layout skeleton from its hint (token spans set by the entry)."""
+        payload = find_action(getattr(req, "kv_hints", None))
+        if payload is None:
+            return None
+        hint = parse_payload(payload, None)
+        ids = list(req.origin_input_ids)
+        shared = [
+            SharedUse(s.id, s.tok_start, s.tok_end)
+            for s in hint.segments
+            if s.type == "shared" and s.tok_end > s.tok_start
+        ]
+        if any(s.tok_start < 0 or s.tok_end > len(ids) for s in hint.segments):
+            raise ValueError("TokenDance hint has no token spans (entry hook not active?)")
+        prefix_len = shared[0].start if shared else len(ids)
+        return RowLayout(hint.round, hint.agent, ids, prefix_len, shared)
+
+    def start_round(self, round_id: str, reqs: list[Any], waited_s: float) -> list[Any]:
+        """Plan a released round; returns the requests to queue now (the rest wait)."""
+        t0 = time.perf_counter()
+        self.counters.rounds += 1
+        self.counters.barrier_wait_s += waited_s
+        layouts = [(req, layout_of(req)) for req in reqs]
+        seg_tokens: dict[str, tuple[int, ...]] = {}
+        for _, lay in layouts:
+            for use in lay.shared:
+                seg_tokens.setdefault(use.seg_id, tuple(lay.true_ids[use.start : use.end]))
+        state = RoundState(round_id, seg_tokens)
+        for seg_id, toks in seg_tokens.items():
+            state.recompute[seg_id] = select_recompute(
+                len(toks), self.cfg.recompute_ratio, self.cfg.selection
+            )
+        missing = {s for s, t in seg_tokens.items() if self.cache.lookup_segment(t) is None}
+        now: list[Any] = []
+        for req, lay in layouts:
+            authored = [u for u in lay.shared if u.seg_id in missing]
+            if authored:
+                # Phase A: full prefill in this agent's context; its rows become the masters.
+                setattr(req, MASTER_ATTR, authored)
+                setattr(req, ATTR, None)
+                missing -= {u.seg_id for u in authored}
+                state.masters_pending.add(req.rid)
+                now.append(req)
+            else:
+                state.waiting.append(req)
+        self.rounds[round_id] = state
+        if not state.masters_pending:
+            now += self._release_waiting(state)
+        self.counters.collector_s += time.perf_counter() - t0
+        return now
+
+    def _release_waiting(self, state: RoundState) -> list[Any]:
+        out = []
+        for req in state.waiting:
+            lay = layout_of(req)
+            for use in lay.shared:
+                use.node = self.cache.lookup_segment(state.seg_tokens[use.seg_id])
+                use.recompute = state.recompute[use.seg_id]
+            out.append(req)
+        state.waiting = []
+        self.rounds.pop(state.round_id, None)
+        return out
+
+    def plan_alone(self, req: Any) -> None:
+        """pic mode / late arrivals: plan one request against whatever masters exist."""
+        lay = layout_of(req)
+        for use in lay.shared:
+            toks = tuple(lay.true_ids[use.start : use.end])
+            use.node = self.cache.lookup_segment(toks)
+            use.recompute = select_recompute(
+                len(toks), self.cfg.recompute_ratio, self.cfg.selection
+            )
+        if all(u.node is None for u in lay.shared):
+            setattr(req, MASTER_ATTR, list(lay.shared))
+            setattr(req, ATTR, None)
+
+    # ---- after a prefill forward ------------------------------------------------------------
+    def on_prefill_done(self, req: Any) -> list[Any]:
+        """Promote masters / attach mirrors; returns requests now free to run."""
+        authored = getattr(req, MASTER_ATTR, None)
+        if authored:
+            setattr(req, MASTER_ATTR, None)
+            self._promote(req, authored)
+            return self._master_done(req)
+        lay = layout_of(req)
+        if lay is not None and self.cfg.mode == "tokendance":
+            self._attach_mirrors(req, lay)
+        return []
+
+    def _master_done(self, req: Any) -> list[Any]:
+        for state in list(self.rounds.values()):
+            if req.rid in state.masters_pending:
+                state.masters_pending.discard(req.rid)
+                if not state.masters_pending:
+                    return self._release_waiting(state)
+        return []
+
+    def on_abort(self, rid_prefix: str, abort_all: bool) -> list[Any]:
+        """An aborted master agent must not block its round: release the waiting agents."""
+        freed: list[Any] = []
+        for state in list(self.rounds.values()):
+            gone = {r for r in state.masters_pending if abort_all or r.startswith(rid_prefix)}
+            if gone:
+                state.masters_pending -= gone
+                if not state.masters_pending:
+                    freed += self._release_waiting(state)
+        return freed
+
+    def _promote(self, req: Any, authored: list[SharedUse]) -> None:
+        row = req.req_pool_idx
+        if row is None:
+            return
+        row_slots = self.cache.req_to_token_pool.req_to_token[row]
+        for use in authored:
+            toks = tuple(req.origin_input_ids[use.start : use.end])
+            slots = row_slots[use.start : use.end].to(torch.int64).clone()
+            pos = torch.arange(use.start, use.end, dtype=torch.int32)
+            res = self.cache.insert_segment(toks, slots, pos)
+            if res.inserted:
+                self.cache.claim_row_ranges(row, [(use.start, use.end)])
+                self.cache.pin_segment(res.node, row)
+                self.counters.masters_created += 1
+
+    def _attach_mirrors(self, req: Any, lay: RowLayout) -> None:
+        row = req.req_pool_idx
+        if row is None or lay.row_pos is None:
+            return
+        row_slots = self.cache.req_to_token_pool.req_to_token[row]
+        n = lay.row_pos.numel()
+        for use in lay.shared:
+            if use.node is None or use.recompute is None or use.recompute.numel() == 0:
+                continue
+            want = torch.zeros(n, dtype=torch.bool)
+            want_pos = use.recompute + use.start
+            # row entries whose true position is in this segment's recompute set
+            hit = torch.isin(lay.row_pos, want_pos)
+            want |= hit
+            idx = torch.nonzero(want).flatten()
+            if idx.numel() != use.recompute.numel():
+                continue  # the last token was forced fresh etc.: keep it request-owned
+            order = torch.argsort(lay.row_pos[idx])
+            idx = idx[order]
+            slots = row_slots[idx].to(torch.int64).clone()
+            self.cache.attach_mirror(lay.round_id, lay.agent, use.node, use.recompute, slots)
+            ranges = _runs(idx)
+            self.cache.claim_row_ranges(row, ranges)
+
+    def record_request(self, lay: RowLayout | None, prompt_len: int, prefix_len: int) -> None:
+        self.counters.requests += 1
+        self.counters.prompt_tokens += prompt_len
+        if lay is not None and lay.reused_slots is not None:
+            self.counters.reused_tokens += int(lay.reused_slots.numel())
+
+
+def _runs(idx: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted row indices -> half-open runs (a handful per segment: runs, not tokens)."""
+    if idx.numel() == 0:
+        return []
+    breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1
+    starts = torch.cat([idx[:1], idx[breaks]]).tolist()
+    ends = torch.cat([idx[breaks - 1] + 1, idx[-1:] + 1]).tolist()
+    return list(zip(starts, ends, strict=True))

@@ -1,0 +1,133 @@
+"""Entry-side hint handling, in SGLang's TokenizerManager (the main server process).
+
+For a request carrying a TokenDance hint (kv_hints action or the text-separator form) this:
+1. validates the hint (a ``HintError``, a ValueError, becomes a 400 for that request only),
+2. checks it against the other requests of its round seen so far (same round size, one text
+   per shared id),
+3. tokenizes each segment on its own, so equal shared text gives equal token ids wherever it
+   sits, and hands SGLang the concatenated ``input_ids``,
+4. rewrites the envelope's payload with the token spans, for the scheduler.
+
+Requests without hints, and every request when TokenDance is off, pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from sglang_tokendance.hints import (
+    ACTION_TYPE,
+    ACTION_VERSION,
+    AgentHint,
+    HintError,
+    find_action,
+    parse_payload,
+    parse_separated,
+    tokenize_segments,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_TRACKED_ROUNDS = 256
+
+
+class RoundRegistry:
+    """What the entry has seen of recent rounds: their size and the text of each shared id."""
+
+    def __init__(self, capacity: int = MAX_TRACKED_ROUNDS) -> None:
+        self.capacity = capacity
+        self._rounds: OrderedDict[str, tuple[int, dict[str, str]]] = OrderedDict()
+
+    def check(self, hint: AgentHint, text: str) -> None:
+        """Raise HintError if ``hint`` contradicts earlier requests of its round."""
+        size, texts = self._rounds.get(hint.round, (hint.round_size, {}))
+        if size != hint.round_size:
+            raise HintError(
+                f"invalid TokenDance hint: round {hint.round!r} has round_size {size}, "
+                f"this request says {hint.round_size}"
+            )
+        new: dict[str, str] = {}
+        for s in hint.segments:
+            if s.id is None:
+                continue
+            digest = hashlib.sha1(text[s.start : s.end].encode()).hexdigest()
+            seen = texts.get(s.id, new.get(s.id))
+            if seen is not None and seen != digest:
+                raise HintError(
+                    f"invalid TokenDance hint: shared segment {s.id!r} has a different text "
+                    f"than another request of round {hint.round!r}"
+                )
+            new[s.id] = digest
+        texts.update(new)
+        self._rounds[hint.round] = (size, texts)
+        self._rounds.move_to_end(hint.round)
+        while len(self._rounds) > self.capacity:
+            self._rounds.popitem(last=False)
+
+
+def prepare_request(
+    tm: Any, obj: Any, separator: str, registry: RoundRegistry, act: bool = True
+) -> None:
+    """Apply a TokenDance hint to ``obj`` (a GenerateReqInput) in place, if it has one.
+
+    With ``act`` False (mode off) only the separator form is stripped to its plain text, so
+    every mode sees the same prompt; the hint itself is ignored.
+
+    Raises:
+        HintError: malformed or inconsistent hint (SGLang answers 400).
+    """
+    from sglang.srt.managers.kv_hints import KvHintAction, KvHintsEnvelope
+
+    text = obj.text if isinstance(obj.text, str) else None
+    payload = find_action(obj.kv_hints)
+    if payload is None and text is not None and text.startswith(separator):
+        parsed = parse_separated(text, separator)
+        if parsed is not None:
+            text, payload = parsed
+            obj.text = text
+    if payload is None or not act:
+        return
+    if text is None or obj.input_ids is not None:
+        raise HintError("invalid TokenDance hint: hinted requests must send the prompt as text")
+    hint = parse_payload(payload, len(text))
+    registry.check(hint, text)
+    tokenizer = tm.tokenizer
+
+    def encode(part: str, special: bool) -> list[int]:
+        return list(tokenizer.encode(part, add_special_tokens=special))
+
+    input_ids, hint = tokenize_segments(encode, text, hint)
+    obj.input_ids = input_ids
+    others = [a for a in (obj.kv_hints.actions if obj.kv_hints else []) if a.action_type
+              != ACTION_TYPE]
+    action = KvHintAction(action_id="allgather", action_type=ACTION_TYPE,
+                          action_version=ACTION_VERSION, payload=hint.to_payload())
+    obj.kv_hints = KvHintsEnvelope(
+        protocol_version=obj.kv_hints.protocol_version if obj.kv_hints else "1",
+        message_id=obj.kv_hints.message_id if obj.kv_hints else (obj.rid or "td"),
+        actions=[*others, action],
+    )
+
+
+def install_hooks() -> None:
+    """Register the TokenizerManager hook (a no-op unless TokenDance is active)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    registry = RoundRegistry()
+
+    async def around_tokenize(original: Any, tm: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        from sglang_tokendance.plugin import get_config
+
+        cfg = get_config(tm.server_args)
+        if cfg.enabled and type(obj).__name__ == "GenerateReqInput":
+            prepare_request(tm, obj, cfg.separator, registry, act=cfg.active)
+        return await original(tm, obj, *args, **kwargs)
+
+    HookRegistry.register(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request",
+        around_tokenize,
+        HookType.AROUND,
+    )

@@ -1,0 +1,300 @@
+"""TokenDance hints: the versioned ``kv_hints`` payload and the text-separator form.
+
+A request of an All-Gather round says which round it belongs to, the round's size, its agent
+id, and how its prompt splits into segments. Structured clients send SGLang's ``kv_hints``
+envelope with one action::
+
+    {"protocol_version": "1", "message_id": "<any>",
+     "actions": [{"action_id": "<any>", "action_type": "tokendance.allgather",
+                  "action_version": "1",
+                  "payload": {"round": "r3", "round_size": 8, "agent": "alice",
+                              "segments": [{"type": "private", "start": 0, "end": 120},
+                                           {"type": "shared", "id": "r2/bob",
+                                            "start": 120, "end": 310}, ...]}}]}
+
+``start``/``end`` are character offsets into the prompt text; the spans must tile it exactly,
+in order. Text-only clients (OpenAI-style) instead put separators in the prompt (see
+:func:`parse_separated`). Either way the server tokenizes every segment on its own, so equal
+shared text gives equal token ids wherever it sits.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ACTION_TYPE = "tokendance.allgather"
+ACTION_VERSION = "1"
+PROTOCOL_VERSION = "1"
+SEGMENT_TYPES = ("private", "shared")
+
+
+@dataclass(slots=True, frozen=True)
+class SegmentSpan:
+    """One segment of a prompt: character span, and after tokenization its token span."""
+
+    type: str
+    start: int
+    end: int
+    id: str | None = None
+    tok_start: int = -1
+    tok_end: int = -1
+
+
+@dataclass(slots=True, frozen=True)
+class AgentHint:
+    """The validated TokenDance hint of one request."""
+
+    round: str
+    round_size: int
+    agent: str
+    segments: tuple[SegmentSpan, ...]
+
+    def to_payload(self) -> dict[str, Any]:
+        segs = []
+        for s in self.segments:
+            d: dict[str, Any] = {"type": s.type, "start": s.start, "end": s.end}
+            if s.id is not None:
+                d["id"] = s.id
+            if s.tok_end >= 0:
+                d["tok_start"], d["tok_end"] = s.tok_start, s.tok_end
+            segs.append(d)
+        return {
+            "round": self.round,
+            "round_size": self.round_size,
+            "agent": self.agent,
+            "segments": segs,
+        }
+
+
+class HintError(ValueError):
+    """A malformed TokenDance hint (the request is refused with a 400-class error)."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise HintError(f"invalid TokenDance hint: {msg}")
+
+
+def parse_payload(payload: Any, text_len: int | None) -> AgentHint:
+    """Validate a ``tokendance.allgather`` payload.
+
+    Args:
+        payload: the action's payload (JSON object).
+        text_len: length of the prompt text the spans refer to (None: skip the tiling check).
+
+    Raises:
+        HintError: naming the first problem found.
+    """
+    _require(isinstance(payload, dict), "payload must be an object")
+    rnd = payload.get("round")
+    _require(
+        isinstance(rnd, (str, int)) and not isinstance(rnd, bool) and str(rnd) != "",
+        "'round' must be a non-empty string or an integer",
+    )
+    size = payload.get("round_size")
+    _require(
+        isinstance(size, int) and not isinstance(size, bool) and size >= 1,
+        f"'round_size' must be an integer >= 1, got {size!r}",
+    )
+    agent = payload.get("agent")
+    _require(isinstance(agent, str) and agent != "", "'agent' must be a non-empty string")
+    segs = payload.get("segments")
+    _require(isinstance(segs, list) and len(segs) > 0, "'segments' must be a non-empty list")
+    out: list[SegmentSpan] = []
+    pos = 0
+    for i, s in enumerate(segs):
+        _require(isinstance(s, dict), f"segment {i} must be an object")
+        typ = s.get("type")
+        _require(typ in SEGMENT_TYPES, f"segment {i}: unknown type {typ!r} (private|shared)")
+        start, end = s.get("start"), s.get("end")
+        _require(
+            isinstance(start, int) and isinstance(end, int),
+            f"segment {i}: 'start' and 'end' must be integers",
+        )
+        _require(
+            start == pos,
+            f"segment {i}: starts at {start}, expected {pos} (spans must tile the text in order)",
+        )
+        _require(end > start, f"segment {i}: empty or reversed span [{start}, {end})")
+        if text_len is not None:
+            _require(
+                end <= text_len,
+                f"segment {i}: span [{start}, {end}) out of range (text has {text_len} characters)",
+            )
+        sid = s.get("id")
+        if typ == "shared":
+            _require(isinstance(sid, str) and sid != "", f"segment {i}: shared needs an 'id'")
+        out.append(SegmentSpan(typ, start, end, sid if typ == "shared" else None))
+        pos = end
+    if text_len is not None:
+        _require(pos == text_len, f"spans end at {pos} but the text has {text_len} characters")
+    return AgentHint(str(rnd), size, agent, tuple(out))
+
+
+def find_action(envelope: Any) -> dict[str, Any] | None:
+    """The payload of the ``tokendance.allgather`` action in a kv_hints envelope, if any.
+
+    Raises:
+        HintError: if the action has an unsupported version.
+    """
+    if envelope is None:
+        return None
+    actions = envelope.get("actions") if isinstance(envelope, dict) else envelope.actions
+    for a in actions or []:
+        atype = a.get("action_type") if isinstance(a, dict) else a.action_type
+        if atype != ACTION_TYPE:
+            continue
+        version = a.get("action_version") if isinstance(a, dict) else a.action_version
+        _require(
+            str(version) == ACTION_VERSION,
+            f"action_version {version!r} not supported (expected {ACTION_VERSION!r})",
+        )
+        return a.get("payload") if isinstance(a, dict) else a.payload
+    return None
+
+
+def tokenize_segments(
+    encode: Callable[[str, bool], list[int]], text: str, hint: AgentHint
+) -> tuple[list[int], AgentHint]:
+    """Tokenize each segment on its own and concatenate.
+
+    Args:
+        encode: ``encode(text, add_special_tokens)`` of the server's tokenizer. Special tokens
+            (a BOS) are added to the first segment only, as for the whole prompt.
+        text: the prompt.
+        hint: the validated hint (character spans).
+
+    Returns:
+        The input ids and the hint with token spans filled in.
+    """
+    ids: list[int] = []
+    segs = []
+    for i, s in enumerate(hint.segments):
+        part = encode(text[s.start : s.end], i == 0)
+        segs.append(SegmentSpan(s.type, s.start, s.end, s.id, len(ids), len(ids) + len(part)))
+        ids.extend(part)
+    for s in segs:
+        _require(s.tok_end > s.tok_start, f"segment [{s.start}, {s.end}) tokenizes to nothing")
+    return ids, AgentHint(hint.round, hint.round_size, hint.agent, tuple(segs))
+
+
+# ---- client side ------------------------------------------------------------------------------
+def build_request(
+    segments: Sequence[tuple[str, str | None, str]],
+    round_id: str | int,
+    round_size: int,
+    agent: str,
+) -> tuple[str, dict[str, Any]]:
+    """Build the prompt text and the kv_hints envelope for one agent's request.
+
+    Args:
+        segments: ``(type, id, text)`` per segment, in prompt order (id None for private).
+        round_id, round_size, agent: the round this request belongs to.
+
+    Returns:
+        ``(text, kv_hints)``: pass them as ``text`` and ``kv_hints`` to /generate (or as
+        ``prompt`` and the extra body field ``kv_hints`` to the OpenAI routes).
+    """
+    spans, pos, parts = [], 0, []
+    for typ, sid, seg_text in segments:
+        if not seg_text:
+            continue
+        d: dict[str, Any] = {"type": typ, "start": pos, "end": pos + len(seg_text)}
+        if typ == "shared":
+            d["id"] = sid
+        spans.append(d)
+        parts.append(seg_text)
+        pos += len(seg_text)
+    payload = {"round": str(round_id), "round_size": round_size, "agent": agent, "segments": spans}
+    text = "".join(parts)
+    parse_payload(payload, len(text))  # fail early on the client
+    envelope = {
+        "protocol_version": PROTOCOL_VERSION,
+        "message_id": uuid.uuid4().hex,
+        "actions": [
+            {
+                "action_id": "allgather",
+                "action_type": ACTION_TYPE,
+                "action_version": ACTION_VERSION,
+                "payload": payload,
+            }
+        ],
+    }
+    return text, envelope
+
+
+# ---- text-separator form ----------------------------------------------------------------------
+def build_separated(
+    segments: Sequence[tuple[str, str | None, str]],
+    round_id: str | int,
+    round_size: int,
+    agent: str,
+    sep: str,
+) -> str:
+    """The same request as plain text for text-only clients.
+
+    Layout: ``SEP round=R;size=N;agent=A SEP`` then each segment as ``SEP@shared:ID SEP text``
+    or ``SEP@private SEP text``. The separators and headers are removed by the server.
+    """
+    out = [f"{sep}round={round_id};size={round_size};agent={agent}{sep}"]
+    for typ, sid, seg_text in segments:
+        tag = f"@shared:{sid}" if typ == "shared" else "@private"
+        out.append(f"{sep}{tag}{sep}{seg_text}")
+    return "".join(out)
+
+
+def parse_separated(text: str, sep: str) -> tuple[str, dict[str, Any]] | None:
+    """Parse the separator form; None if ``text`` does not start with a TokenDance header.
+
+    Returns:
+        ``(clean_text, payload)`` ready for :func:`parse_payload`.
+
+    Raises:
+        HintError: if the header or a segment tag is malformed.
+    """
+    if not text.startswith(sep):
+        return None
+    parts = text.split(sep)
+    # "", header, "", tag1, text1, "", tag2, text2, ...  -> after the header, (tag, text) pairs
+    _require(
+        len(parts) >= 3 and parts[2] == "",
+        "separator header must be SEP round=..;size=..;agent=.. SEP",
+    )
+    fields = dict(kv.split("=", 1) for kv in parts[1].split(";") if "=" in kv)
+    _require({"round", "size", "agent"} <= set(fields), "header needs round=, size= and agent=")
+    try:
+        size = int(fields["size"])
+    except ValueError:
+        raise HintError(
+            f"invalid TokenDance hint: size={fields['size']!r} is not an integer"
+        ) from None
+    body = parts[3:]
+    _require(
+        len(body) % 2 == 0 and body,
+        "each segment must be SEP@shared:ID SEP text or SEP@private SEP text",
+    )
+    segs, clean, pos = [], [], 0
+    for j in range(0, len(body), 2):
+        tag, seg_text = body[j], body[j + 1]
+        if tag == "@private":
+            seg = {"type": "private"}
+        elif tag.startswith("@shared:") and len(tag) > len("@shared:"):
+            seg = {"type": "shared", "id": tag[len("@shared:") :]}
+        else:
+            raise HintError(f"invalid TokenDance hint: unknown segment tag {tag!r}")
+        if not seg_text:
+            continue
+        seg.update(start=pos, end=pos + len(seg_text))
+        segs.append(seg)
+        clean.append(seg_text)
+        pos += len(seg_text)
+    payload = {
+        "round": fields["round"],
+        "round_size": size,
+        "agent": fields["agent"],
+        "segments": segs,
+    }
+    return "".join(clean), payload

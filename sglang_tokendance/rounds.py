@@ -1,0 +1,128 @@
+"""The round barrier: hold a round's hinted requests until the round is whole (or times out).
+
+Pure bookkeeping, no SGLang or tensors: the scheduler hooks (``scheduler.py``) feed it requests
+and poll it once per scheduler iteration. A round is released when all ``round_size`` agents
+are in, or when ``timeout_s`` has passed since its first request arrived (then it runs with the
+agents present). Requests that arrive for a round already released ("late arrivals") are
+released at once, never held again. An aborted request leaves its round, and the round's
+expected size shrinks by one, so one missing agent never blocks the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, NamedTuple, TypeVar
+
+T = TypeVar("T")
+
+MAX_RELEASED_MEMORY = 1024
+
+
+@dataclass(slots=True)
+class PendingRound(Generic[T]):
+    """A round still collecting its agents."""
+
+    round_id: str
+    size: int
+    first_arrival: float
+    members: dict[str, T] = field(default_factory=dict)  # agent -> request
+    aborted: int = 0
+
+
+class Release(NamedTuple, Generic[T]):
+    """One released round: its id, its requests (arrival order), and why it was released."""
+
+    round_id: str
+    requests: list[T]
+    reason: str  # "complete" | "timeout" | "late"
+    waited_s: float
+
+
+class RoundBarrier(Generic[T]):
+    """Holds hinted requests per round.
+
+    Args:
+        timeout_s: how long a round waits for missing agents after its first arrival.
+        clock: monotonic clock (tests inject a fake one).
+    """
+
+    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"round timeout must be > 0 s, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._pending: OrderedDict[str, PendingRound[T]] = OrderedDict()
+        self._released: OrderedDict[str, None] = OrderedDict()
+        self._late: list[T] = []
+
+    def add(self, round_id: str, size: int, agent: str, req: T) -> None:
+        """Hold ``req`` for its round (or queue it for immediate release if the round ran).
+
+        Raises:
+            ValueError: if the round's size differs from earlier requests', or ``agent`` is
+                already waiting in this round.
+        """
+        if round_id in self._released:
+            self._late.append(req)
+            return
+        rnd = self._pending.get(round_id)
+        if rnd is None:
+            rnd = PendingRound(round_id, size, self.clock())
+            self._pending[round_id] = rnd
+        if size != rnd.size:
+            raise ValueError(f"round {round_id!r} has round_size {rnd.size}, request says {size}")
+        if agent in rnd.members:
+            raise ValueError(f"agent {agent!r} already has a request waiting in round {round_id!r}")
+        rnd.members[agent] = req
+
+    def remove(self, pred: Callable[[T], bool]) -> list[T]:
+        """Drop held requests matching ``pred`` (aborts); their rounds expect one fewer agent."""
+        dropped: list[T] = []
+        for rnd in self._pending.values():
+            for agent, req in list(rnd.members.items()):
+                if pred(req):
+                    del rnd.members[agent]
+                    rnd.aborted += 1
+                    dropped.append(req)
+        kept = [r for r in self._late if not pred(r)]
+        dropped += [r for r in self._late if pred(r)]
+        self._late = kept
+        return dropped
+
+    def poll(self) -> list[Release[T]]:
+        """Rounds ready to run now (complete or timed out), and late arrivals."""
+        now = self.clock()
+        out: list[Release[T]] = []
+        if self._late:
+            out.append(Release("", self._late, "late", 0.0))
+            self._late = []
+        for round_id in list(self._pending):
+            rnd = self._pending[round_id]
+            waited = now - rnd.first_arrival
+            expected = rnd.size - rnd.aborted
+            if len(rnd.members) >= expected:
+                reason = "complete"
+            elif waited >= self.timeout_s:
+                reason = "timeout"
+            else:
+                continue
+            del self._pending[round_id]
+            self._released[round_id] = None
+            while len(self._released) > MAX_RELEASED_MEMORY:
+                self._released.popitem(last=False)
+            if rnd.members:
+                out.append(Release(round_id, list(rnd.members.values()), reason, waited))
+        return out
+
+    def held(self) -> int:
+        """Number of requests currently held."""
+        return sum(len(r.members) for r in self._pending.values()) + len(self._late)
+
+    def next_deadline(self) -> float | None:
+        """When the oldest pending round times out (clock units), or None."""
+        if not self._pending:
+            return None
+        return min(r.first_arrival for r in self._pending.values()) + self.timeout_s

@@ -1,0 +1,109 @@
+"""``GET /tokendance/stats``: accounting from the scheduler, served by the HTTP server.
+
+The scheduler adds a ``tokendance`` entry to SGLang's internal state (the same channel as
+``/server_info``); the route reads it back through the TokenizerManager. Bytes come from the
+real KV pool (layers x K/V heads x head_dim x dtype size).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ROUTE = "/tokendance/stats"
+
+
+def scheduler_stats(scheduler: Any) -> dict[str, Any]:
+    """The stats dict, computed in the scheduler process."""
+    from sglang_tokendance.cache.integrity import kv_bytes_per_token
+    from sglang_tokendance.scheduler import STATE_ATTR
+
+    td = getattr(scheduler, STATE_ATTR, None)
+    cache = scheduler.tree_cache
+    kv_pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+    bpt = int(kv_bytes_per_token(kv_pool))
+    out: dict[str, Any] = {"enabled": td is not None, "kv_bytes_per_token": bpt}
+    if td is None:
+        return out
+    store = cache.stats(bpt) if hasattr(cache, "stats") else {}
+    c = td.collector.counters
+    out.update(
+        mode=td.cfg.mode,
+        config=td.cfg.to_dict(),
+        store=store,
+        master_tokens=store.get("master_tokens"),
+        mirror_tokens=store.get("mirror_tokens"),
+        dense_equiv_tokens=store.get("dense_equiv_tokens"),
+        compression_ratio=store.get("compression_ratio"),
+        segments=store.get("segments"),
+        evictions=store.get("evictions"),
+        rounds=c.rounds,
+        requests=c.requests,
+        prompt_tokens=c.prompt_tokens,
+        prefill_tokens_computed=c.prompt_tokens - c.cached_tokens,
+        reused_master_tokens=c.reused_tokens,
+        recompute_tokens=c.recompute_tokens,
+        masters_created=c.masters_created,
+        collector_ms=round(c.collector_s * 1000, 3),
+        barrier_wait_ms=round(c.barrier_wait_s * 1000, 3),
+        kv_tokens_peak=td.peak_used_tokens,
+        kv_bytes_peak=td.peak_used_tokens * bpt,
+        pool_tokens=int(scheduler.token_to_kv_pool_allocator.size),
+        held_requests=td.barrier.held(),
+        per_round=td.round_report(bpt),
+    )
+    last = out["per_round"][-1] if out["per_round"] else None
+    out["last_round"] = last
+    if last is not None:
+        out["kv_bytes_per_agent"] = last["kv_bytes_per_agent"]
+        out["dense_kv_bytes_per_agent"] = last["dense_kv_bytes_per_agent"]
+    return out
+
+
+def install_hooks() -> None:
+    """Scheduler side: extend internal state. Server side: add the GET route at launch."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    def after_internal_state(result: Any, controller: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            result.internal_state["tokendance"] = scheduler_stats(controller.scheduler)
+        except Exception as e:  # stats must never break /server_info
+            logger.exception("tokendance stats failed")
+            result.internal_state["tokendance"] = {"error": str(e)}
+        return result
+
+    def before_launch(server_args: Any, *args: Any, **kw: Any) -> None:
+        from sglang_tokendance.plugin import get_config
+
+        if get_config(server_args).enabled:
+            add_route()
+
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.internal_state."
+        "SchedulerInternalStateController.get_internal_state",
+        after_internal_state,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.entrypoints.http_server.launch_server", before_launch, HookType.BEFORE
+    )
+
+
+def add_route() -> None:
+    """Add GET /tokendance/stats to SGLang's FastAPI app (idempotent)."""
+    from fastapi.responses import ORJSONResponse
+    from sglang.srt.entrypoints import http_server
+
+    app = http_server.app
+    if any(getattr(r, "path", None) == ROUTE for r in app.routes):
+        return
+
+    async def tokendance_stats() -> Any:
+        states = await http_server._global_state.tokenizer_manager.get_internal_state()
+        per_dp = [s.get("tokendance", {}) for s in states]
+        body = per_dp[0] if len(per_dp) == 1 else {"dp": per_dp}
+        return ORJSONResponse(body)
+
+    app.add_api_route(ROUTE, tokendance_stats, methods=["GET"])
