@@ -201,7 +201,7 @@ class Collector:
         return freed
 
     def _promote(self, req: Any, authored: list[SharedUse]) -> None:
-        row = req.req_pool_idx
+        row = req.kv.req_pool_idx
         if row is None:
             return
         row_slots = self.cache.req_to_token_pool.req_to_token[row]
@@ -216,7 +216,7 @@ class Collector:
                 self.counters.masters_created += 1
 
     def _attach_mirrors(self, req: Any, lay: RowLayout) -> None:
-        row = req.req_pool_idx
+        row = req.kv.req_pool_idx
         if row is None or lay.row_pos is None:
             return
         row_slots = self.cache.req_to_token_pool.req_to_token[row]

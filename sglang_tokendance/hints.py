@@ -127,7 +127,9 @@ def parse_payload(payload: Any, text_len: int | None) -> AgentHint:
         sid = s.get("id")
         if typ == "shared":
             _require(isinstance(sid, str) and sid != "", f"segment {i}: shared needs an 'id'")
-        out.append(SegmentSpan(typ, start, end, sid if typ == "shared" else None))
+        ts, te = s.get("tok_start", -1), s.get("tok_end", -1)
+        _require(isinstance(ts, int) and isinstance(te, int), f"segment {i}: bad token span")
+        out.append(SegmentSpan(typ, start, end, sid if typ == "shared" else None, ts, te))
         pos = end
     if text_len is not None:
         _require(pos == text_len, f"spans end at {pos} but the text has {text_len} characters")

@@ -102,8 +102,6 @@ class TokenDanceScheduler:
         if lay is None:
             return False
         setattr(req, ATTR, lay)
-        # An agent's mirrors of earlier rounds are dropped when it starts a new one.
-        self.scheduler.tree_cache.release_mirrors(agent=lay.agent)
         if self.cfg.mode == "pic":
             self.collector.plan_alone(req)
             self._queue([req])

@@ -54,12 +54,30 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         held_requests=td.barrier.held(),
         per_round=td.round_report(bpt),
     )
+    out["integrity"] = _integrity(scheduler, td)
     last = out["per_round"][-1] if out["per_round"] else None
     out["last_round"] = last
     if last is not None:
         out["kv_bytes_per_agent"] = last["kv_bytes_per_agent"]
         out["dense_kv_bytes_per_agent"] = last["dense_kv_bytes_per_agent"]
     return out
+
+
+def _integrity(scheduler: Any, td: Any) -> str:
+    """"ok", "busy" (requests in flight: not checked), or the broken invariant."""
+    running = scheduler.running_batch
+    if (running is not None and not running.is_empty()) or scheduler.waiting_queue:
+        return "busy"
+    if td.barrier.held() or scheduler.chunked_req is not None:
+        return "busy"
+    check = getattr(scheduler.tree_cache, "check_integrity", None)
+    if check is None:
+        return "n/a"
+    try:
+        check()
+    except AssertionError as e:
+        return str(e)
+    return "ok"
 
 
 def install_hooks() -> None:

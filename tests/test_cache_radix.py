@@ -111,7 +111,9 @@ def test_check_integrity_reports_leaked_and_double_owned_slots() -> None:
     value = alloc(pools, 3)  # slots 3-5
     cache.insert(InsertParams(key=rkey([1, 2, 3]), value=value))
     cache.insert_segment([9, 9], value[:2], [0, 1])  # wrongly reuses tree-owned slots 3, 4
-    with pytest.raises(IntegrityError, match=r"slot 3 is owned 2 times: by radix node \d+, master 0"):
+    with pytest.raises(
+        IntegrityError, match=r"slot 3 is owned 2 times: by radix node \d+, master 0"
+    ):
         cache.check_integrity(request_owned=[lost])
 
 
@@ -123,7 +125,11 @@ def test_stats_in_tokens_and_bytes() -> None:
         for node in nodes:
             cache.attach_mirror("r1", agent, node, [0, 4], alloc(pools, 2))
     s = cache.stats(kv_bytes_per_token=per_token)
-    assert (s["dense_equiv_tokens"], s["stored_tokens"], s["compression_ratio"]) == (48, 28, 48 / 28)
+    assert (s["dense_equiv_tokens"], s["stored_tokens"], s["compression_ratio"]) == (
+        48,
+        28,
+        48 / 28,
+    )
     assert s["saved_bytes"] == (48 - 28) * per_token == 20 * 128
     assert cache.stats(round_id="r2")["mirrors"] == 0
     cache.check_integrity()
@@ -164,7 +170,18 @@ def test_release_keeps_master_slots_and_hands_fresh_slots_to_a_mirror() -> None:
     # Row: [prefix 1 2 3][master slots of segment indices 0, 1, 3][recomputed index 2][suffix].
     req = start_request(cache, pools, "a", ids, reuse=(3, node.master_slots[[0, 1, 3]]))
     row = req.kv.req_pool_idx
-    assert pools.req_to_token_pool.req_to_token[row, :10].tolist() == [5, 6, 7, 1, 2, 4, 8, 9, 10, 11]
+    assert pools.req_to_token_pool.req_to_token[row, :10].tolist() == [
+        5,
+        6,
+        7,
+        1,
+        2,
+        4,
+        8,
+        9,
+        10,
+        11,
+    ]
     cache.positions.set_layout(row, torch.tensor([0, 1, 2, 3, 4, 6, 5, 7, 8, 9]))
     cache.pin_segment(node, row)
     cache.claim_row_ranges(row, [(3, 6)])
@@ -174,9 +191,10 @@ def test_release_keeps_master_slots_and_hands_fresh_slots_to_a_mirror() -> None:
     assert cache.resolve_mirror("r1", "a", node).tolist() == [1, 2, 8, 4]
     # SGLang's busy-time pool invariant holds: every slot counted once.
     alloc_ = pools.allocator
-    assert alloc_.available_size() + cache.evictable_size() + cache.protected_size() + uncached(
-        req
-    ) == 64
+    assert (
+        alloc_.available_size() + cache.evictable_size() + cache.protected_size() + uncached(req)
+        == 64
+    )
     cache.check_integrity([cache.row_owned_slots(row, 0, 10)])
     finish_request(cache, req)
     assert _freed_tail(pools, 3) == [9, 10, 11]  # only the private suffix was freed

@@ -24,7 +24,7 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_tokendance.attention.rope import RopeParams, rope_params_from_model
-from sglang_tokendance.attention.torch_path import attend_sdpa
+from sglang_tokendance.attention.torch_path import RowKeys, attend_sdpa, plan_row
 from sglang_tokendance.positions import PositionTable, get_position_table
 
 if TYPE_CHECKING:
@@ -54,8 +54,10 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
         self._rope: RopeParams | None = None
         if getattr(model_runner, "model", None) is not None:
             self._rope = rope_params_from_model(model_runner.model).to(self.device)
-        # (forward batch, its rows) of the last layout check: one check per forward, not layer.
+        # Per forward, not per layer: the batch's rows (None: fast path) and each laid-out
+        # row's key plan, keyed by the ForwardBatch object they were computed for.
         self._rows_for: tuple[Any, list[int] | None] = (None, None)
+        self._plans: dict[int, RowKeys] = {}
 
     @property
     def rope(self) -> RopeParams:
@@ -71,6 +73,8 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
             RuntimeError: if the batch writes KV at a different count of slots than positions.
         """
         super().init_forward_metadata(forward_batch)
+        # Forget the last forward's rows and plans: graph runners reuse ForwardBatch objects.
+        self._rows_for, self._plans = (None, None), {}
         loc, pos = forward_batch.out_cache_loc, forward_batch.positions
         if forward_batch.forward_mode.is_idle() or loc is None or pos is None:
             return
@@ -94,7 +98,19 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
             if self.table.laid_out_rows.isdisjoint(rows):
                 rows = None
             self._rows_for = (forward_batch, rows)
+            self._plans = {}
         return rows
+
+    def _plan(self, row: int, seq_len: int) -> RowKeys:
+        """The row's key plan for this forward (slot positions do not change within one)."""
+        plan = self._plans.get(row)
+        if plan is None or plan.slots.numel() != seq_len:
+            slots = self.req_to_token_pool.req_to_token[row, :seq_len]
+            plan = plan_row(
+                slots, self.table.row_positions(row, seq_len), self.table.slot_pos, self.rope
+            )
+            self._plans[row] = plan
+        return plan
 
     @staticmethod
     def _positional(layer: RadixAttention, forward_batch: ForwardBatch) -> bool:
@@ -163,9 +179,7 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
                     q_[start:end],
                     k_cache,
                     v_cache,
-                    req_to_token[row, :s].long(),
-                    self.table.row_positions(row, s),
-                    self.table.slot_pos,
+                    self._plan(row, s),
                     fb.positions[start:end].long(),
                     self.rope,
                     layer.scaling,
@@ -224,9 +238,7 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
                     q_[i : i + 1],
                     k_cache,
                     v_cache,
-                    req_to_token[row, :s].long(),
-                    self.table.row_positions(row, s),
-                    self.table.slot_pos,
+                    self._plan(row, s),
                     qpos,
                     self.rope,
                     layer.scaling,

@@ -79,24 +79,41 @@ def rotate_by_delta(k: torch.Tensor, delta: torch.Tensor | int, params: RopePara
     Returns:
         Keys rotated to the target positions, same shape and dtype as ``k``.
     """
-    n = k.shape[0]
     if not isinstance(delta, torch.Tensor):
-        delta = torch.full((n,), int(delta), dtype=torch.int64, device=k.device)
-    rd = params.rotary_dim
+        delta = torch.full((k.shape[0],), int(delta), dtype=torch.int64, device=k.device)
     cos, sin = delta_cos_sin(delta, params.inv_freq)
+    return apply_rotation(k, cos, sin, params)
+
+
+def apply_rotation(
+    k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, params: RopeParams
+) -> torch.Tensor:
+    """Rotate keys ``[n, ..., head_dim]`` by per-token angles given as cos/sin ``[n, rd/2]``.
+
+    Split from :func:`rotate_by_delta` so a caller can compute cos/sin once and rotate the
+    keys of every layer with them.
+    """
+    n, rd = k.shape[0], params.rotary_dim
     # [n, rd/2] -> [n, 1, ..., rd/2] to broadcast over the head dims of k.
     view = (n,) + (1,) * (k.dim() - 2) + (rd // 2,)
     cos, sin = cos.view(view), sin.view(view)
     kf = k.to(torch.float32)
+    out = torch.empty_like(kf)
     if params.is_neox:
         x1, x2 = kf[..., : rd // 2], kf[..., rd // 2 : rd]
-        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        o1, o2 = out[..., : rd // 2], out[..., rd // 2 : rd]
     else:
         x1, x2 = kf[..., 0:rd:2], kf[..., 1:rd:2]
-        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        o1, o2 = out[..., 0:rd:2], out[..., 1:rd:2]
+    # Written into one buffer with out=/in-place ops: on CPU, every fresh temporary of this size
+    # is an mmap'd allocation with page faults, which made the naive expression ~10x slower.
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
     if rd < k.shape[-1]:
-        rot = torch.cat((rot, kf[..., rd:]), dim=-1)
-    return rot.to(k.dtype)
+        out[..., rd:] = kf[..., rd:]
+    return out.to(k.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,32 +3,56 @@
 Same math as :func:`sglang_tokendance.attention.reference.attend_ref`, but in the model dtype
 through ``scaled_dot_product_attention`` (the kernel torch_native uses), so that the rotation
 is the only extra work over SGLang's torch_native backend. No SGLang import.
+
+What depends only on the row and the position tables (slots, key positions, which keys move,
+their cos/sin) is a :class:`RowKeys` plan, computed once per forward and reused by every layer.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-from sglang_tokendance.attention.rope import RopeParams, rotate_by_delta
+from sglang_tokendance.attention.rope import RopeParams, apply_rotation, delta_cos_sin
 
 
-def gather_rotated_keys(
-    k_buffer: torch.Tensor,
-    slots: torch.Tensor,
-    key_pos: torch.Tensor,
-    slot_pos: torch.Tensor,
-    rope: RopeParams,
-) -> torch.Tensor:
-    """``k_buffer[slots]`` rotated to ``key_pos`` (``[S, Hkv, D]``).
+class RowKeys(NamedTuple):
+    """The keys of one request row as every layer of one forward reads them."""
 
-    The rotation is skipped when every delta is 0 (ordinary rows, fresh tokens): the keys are
-    then exactly what torch_native would read.
+    slots: torch.Tensor  # int64 [S], row order
+    key_pos: torch.Tensor  # int64 [S], true positions
+    moved: torch.Tensor | None  # indices of keys with a nonzero delta; None: all of them
+    cos: torch.Tensor  # float32 [len(moved), rotary_dim // 2]
+    sin: torch.Tensor
+
+
+def plan_row(
+    slots: torch.Tensor, key_pos: torch.Tensor, slot_pos: torch.Tensor, rope: RopeParams
+) -> RowKeys:
+    """Which keys of a row move (delta = key_pos - slot_pos != 0) and their cos/sin.
+
+    In a laid-out row only the reused master slots move; private and fresh tokens sit where
+    they were written, so a row without shifted keys reads exactly what torch_native would.
     """
-    k = k_buffer[slots]
+    slots = slots.long()
     delta = key_pos - slot_pos[slots].to(torch.int64)
-    if bool(delta.any()):
-        k = rotate_by_delta(k, delta, rope)
+    moved = delta.nonzero().squeeze(1)
+    if moved.numel() == delta.numel():
+        cos, sin = delta_cos_sin(delta, rope.inv_freq)
+        return RowKeys(slots, key_pos, None, cos, sin)
+    cos, sin = delta_cos_sin(delta[moved], rope.inv_freq)
+    return RowKeys(slots, key_pos, moved, cos, sin)
+
+
+def gather_keys(k_buffer: torch.Tensor, plan: RowKeys, rope: RopeParams) -> torch.Tensor:
+    """``k_buffer[slots]`` with the moved keys rotated to their true positions."""
+    k = k_buffer[plan.slots]  # a copy: safe to update in place
+    if plan.moved is None:
+        return apply_rotation(k, plan.cos, plan.sin, rope)
+    if plan.moved.numel():
+        k[plan.moved] = apply_rotation(k[plan.moved], plan.cos, plan.sin, rope)
     return k
 
 
@@ -36,9 +60,7 @@ def attend_sdpa(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
     v_buffer: torch.Tensor,
-    slots: torch.Tensor,
-    key_pos: torch.Tensor,
-    slot_pos: torch.Tensor,
+    plan: RowKeys,
     query_pos: torch.Tensor | None,
     rope: RopeParams,
     scaling: float | None,
@@ -49,22 +71,24 @@ def attend_sdpa(
     Args:
         q: ``[nq, H, D]`` queries of the request.
         k_buffer, v_buffer: the layer's KV pool buffers.
-        slots: ``[S]`` int64 slots of the request's keys (row order).
-        key_pos: ``[S]`` int64 true positions of the keys.
-        slot_pos: ``[num_slots]`` positions the slots were written at.
+        plan: the row's keys (:func:`plan_row`).
         query_pos: ``[nq]`` int64 query positions; None means no mask (decode).
-        rope: the model's RoPE parameters (``inv_freq`` on the keys' device).
+        rope: the model's RoPE parameters.
         scaling: softmax scale (None: SDPA's default).
         sliding_window: keep only keys with ``query_pos - key_pos <= sliding_window``.
 
     Returns:
         ``[nq, H, Dv]`` in ``q.dtype``.
+
+    Raises:
+        NotImplementedError: a sliding window without query positions.
     """
-    k = gather_rotated_keys(k_buffer, slots, key_pos, slot_pos, rope)
-    v = v_buffer[slots]
+    k = gather_keys(k_buffer, plan, rope)
+    v = v_buffer[plan.slots]
     if not (q.dtype == k.dtype == v.dtype):
         k, v = k.to(q.dtype), v.to(q.dtype)
     mask = None
+    key_pos = plan.key_pos
     if query_pos is not None:
         # [nq, S]: visibility by position, not by row index (a row may be in any order).
         mask = key_pos.view(1, -1) <= query_pos.view(-1, 1)

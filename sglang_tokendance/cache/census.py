@@ -47,24 +47,30 @@ class Census(NamedTuple):
         return out
 
 
-def _flatten(chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
-    """All slots (int64, CPU) and, per slot, the index of the chunk holding it."""
+def _flatten(chunks: Sequence[Chunk]) -> torch.Tensor:
+    """All slots of all chunks, int64 on CPU."""
     if not chunks:
-        empty = torch.empty(0, dtype=torch.int64)
-        return empty, empty
-    tensors = [c.reshape(-1).to("cpu", torch.int64) for _, c in chunks]
-    sizes = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-    owner = torch.repeat_interleave(torch.arange(len(tensors)), sizes)
-    return torch.cat(tensors), owner
+        return torch.empty(0, dtype=torch.int64)
+    return torch.cat([c.reshape(-1).to("cpu", torch.int64) for _, c in chunks])
+
+
+def _owners(chunks: Sequence[Chunk]) -> torch.Tensor:
+    """Per slot of :func:`_flatten`, the index of the chunk holding it (error path only)."""
+    return torch.cat(
+        [torch.full((c.numel(),), i, dtype=torch.int64) for i, (_, c) in enumerate(chunks)]
+    )
 
 
 def multiply_owned(chunks: Sequence[Chunk], limit: int = 16) -> list[str]:
     """Lines naming every holder of each slot that appears more than once across ``chunks``."""
-    slots, owner = _flatten(chunks)
+    slots = _flatten(chunks)
     if slots.numel() < 2:
         return []
     ordered, _ = torch.sort(slots)
     dups = torch.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if dups.numel() == 0:
+        return []
+    owner = _owners(chunks)
     lines = []
     # Error path only: a loop over the (few, capped) duplicated slots, not over tokens.
     for value in dups[:limit].tolist():
@@ -89,7 +95,7 @@ def slot_census(size: int, chunks: Sequence[Chunk]) -> Census:
         bad = t[(t < 1) | (t > size)]
         if bad.numel():
             out_of_range.append(f"{label} holds slots outside [1, {size}]: {bad.tolist()[:8]}")
-    slots, _ = _flatten(chunks)
+    slots = _flatten(chunks)
     in_range = slots[(slots >= 1) & (slots <= size)]
     counts = torch.bincount(in_range, minlength=size + 1)
     leaked = (torch.nonzero(counts[1:] == 0).reshape(-1) + 1).tolist()

@@ -69,19 +69,20 @@ def _radix_chunks(cache: TokenDanceRadixCache) -> tuple[list[Chunk], list[str]]:
     return chunks, problems
 
 
-def _row_problems(cache: TokenDanceRadixCache, store_slots: torch.Tensor) -> list[str]:
-    """Claimed row ranges must point at store slots; row pins must be real pins."""
+def _row_problems(cache: TokenDanceRadixCache, held: torch.Tensor) -> list[str]:
+    """Claimed row ranges must point at slots a master, mirror or radix node holds; row pins
+    must be real pins."""
     problems = []
     pins: dict[int, int] = {}
     for row, claim in cache.row_claims().items():
         table = cache.req_to_token_pool.req_to_token[row]
         for start, end in claim.foreign:
             slots = table[start:end].to(torch.int64).cpu()
-            stray = slots[~torch.isin(slots, store_slots)]
+            stray = slots[~torch.isin(slots, held)]
             if stray.numel():
                 problems.append(
                     f"row {row} claims [{start}, {end}) but slots {stray.tolist()[:8]} belong to "
-                    "no master or mirror (released or evicted under a running request?)"
+                    "no master, mirror or radix node (freed under a running request?)"
                 )
         for node in claim.pinned:
             pins[id(node)] = pins.get(id(node), 0) + 1
@@ -109,12 +110,9 @@ def cache_problems(cache: TokenDanceRadixCache, request_owned: list[torch.Tensor
     chunks += [(f"request-owned #{i}", t.reshape(-1)) for i, t in enumerate(request_owned)]
     census = slot_census(allocator.size, chunks)
     problems += census.problems()
-    store_slots = (
-        torch.cat([t.cpu() for _, t in store_chunks])
-        if store_chunks
-        else torch.empty(0, dtype=torch.int64)
-    )
-    problems += _row_problems(cache, store_slots)
+    held = [t.reshape(-1).cpu() for _, t in store_chunks + radix_chunks]
+    held_slots = torch.cat(held) if held else torch.empty(0, dtype=torch.int64)
+    problems += _row_problems(cache, held_slots)
     owned = sum(int(t.numel()) for t in request_owned)
     accounted = (
         allocator.available_size()

@@ -62,9 +62,8 @@ def match_laid_out(cache: Any, super_match: Any, params: MatchPrefixParams, lay:
     lay.reused_nodes = list(plan.reused_nodes)
     row_ids = torch.tensor(lay.true_ids, dtype=torch.int64)[plan.row_pos].tolist()
     if list(req.origin_input_ids) != row_ids:
-        req.origin_input_ids = type(req.origin_input_ids)(row_ids) if isinstance(
-            req.origin_input_ids, array
-        ) else row_ids
+        old = req.origin_input_ids
+        req.origin_input_ids = array(old.typecode, row_ids) if isinstance(old, array) else row_ids
         req.full_untruncated_fill_ids = array("q")  # forces a rebuild in row order
         req.refresh_fill_ids()
     m = int(plan.reused_slots.numel())
@@ -86,7 +85,7 @@ def on_rows_allocated(cache: Any, reqs: list[Any]) -> None:
         return
     for req in reqs:
         lay = layout_of(req)
-        row = req.req_pool_idx
+        row = req.kv.req_pool_idx
         if lay is None or lay.row_pos is None or row is None:
             continue
         if cache.positions.has_layout(row):
@@ -104,10 +103,10 @@ def on_rows_allocated(cache: Any, reqs: list[Any]) -> None:
 def insert_true_prefix(cache: Any, req: Any, lay: RowLayout) -> None:
     """At the final checkpoint, cache the whole true-order private prefix (point 4)."""
     c, p = lay.cached_len, lay.prefix_len
-    if lay.row_pos is None or p <= c or req.req_pool_idx is None:
+    if lay.row_pos is None or p <= c or req.kv.req_pool_idx is None:
         return
     m = int(lay.reused_slots.numel())
-    row = cache.req_to_token_pool.req_to_token[req.req_pool_idx]
+    row = cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
     tail = torch.arange(c + m, c + m + (p - c))
     assert torch.equal(lay.row_pos[tail], torch.arange(c, p)), "private tail not first in fresh"
     slots = torch.cat([row[:c], row[tail]]).to(torch.int64)
@@ -117,7 +116,7 @@ def insert_true_prefix(cache: Any, req: Any, lay: RowLayout) -> None:
     # by SGLang's release as duplicates); the rest now belong to the tree.
     first_new = max(res.prefix_len, c)
     if first_new < p:
-        cache.claim_row_ranges(req.req_pool_idx, [(c + m + first_new - c, c + m + p - c)])
+        cache.claim_row_ranges(req.kv.req_pool_idx, [(c + m + first_new - c, c + m + p - c)])
 
 
 def release_unadmitted(cache: Any, req: Any) -> None:

@@ -27,11 +27,17 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    EvictResult,
+    MatchPrefixParams,
+    MatchResult,
+)
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
 from ..positions import PositionTable, get_position_table
+from . import laid_out
 from .integrity import cache_problems, kv_bytes_per_token
 from .nodes import AllGatherNode, HashFn, Mirror, token_hash
 from .rows import Range, RowClaim, subtract_ranges
@@ -73,6 +79,7 @@ class TokenDanceRadixCache(RadixCache):
         self.store = SegmentStore(self._free_slots, hash_fn=hash_fn, clock=time.monotonic)
         self._rows: dict[int, RowClaim] = {}
         self._borrowed_tokens = 0
+        self._agent_rounds: dict[str, list[str]] = {}
         super().__init__(params)
         self.positions: PositionTable | None = None
         if params.req_to_token_pool is not None and params.token_to_kv_pool_allocator is not None:
@@ -91,6 +98,7 @@ class TokenDanceRadixCache(RadixCache):
         self.store.clear()
         self._rows.clear()
         self._borrowed_tokens = 0
+        self._agent_rounds.clear()
         positions = getattr(self, "positions", None)
         if positions is not None:
             for row in list(positions.laid_out_rows):
@@ -133,12 +141,32 @@ class TokenDanceRadixCache(RadixCache):
         self.update_eviction_metrics(num_evicted, start_time)
         return EvictResult(num_tokens_evicted=num_evicted)
 
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        """Laid-out requests: match the private prefix and lay out the row (laid_out.py)."""
+        lay = laid_out.layout_of(params.req)
+        if lay is None or self.disable:
+            return super().match_prefix(params)
+        return laid_out.match_laid_out(self, super().match_prefix, params, lay)
+
+    def prefix_device_indices(self, req: Req) -> torch.Tensor:
+        lay = laid_out.layout_of(req)
+        if lay is None or lay.row_pos is None:
+            return super().prefix_device_indices(req)
+        return laid_out.prefix_indices_laid_out(self, req, lay)
+
+    def on_rows_allocated(self, reqs: list[Req]) -> None:
+        """Called after ``prepare_for_extend``: record layouts and claims of new rows."""
+        laid_out.on_rows_allocated(self, reqs)
+
     def checkpoint(self, req: Req, *, up_to: int) -> None:
         """Insert only the true-order prefix of a laid-out row (DESIGN invariant)."""
         limit = self._insert_limit(req.kv.req_pool_idx)
         if limit is not None:
             up_to = max(min(up_to, limit), req.kv.cache_protected_len)
         super().checkpoint(req, up_to=up_to)
+        lay = laid_out.layout_of(req)
+        if lay is not None and req.finished():
+            laid_out.insert_true_prefix(self, req, lay)
 
     def free_kv_row(self, kv: Any, ranges: list[tuple[int, int]]) -> None:
         """Free the row ranges, skipping claimed (master / mirror) entries."""
@@ -153,7 +181,21 @@ class TokenDanceRadixCache(RadixCache):
         """Unpin the masters the row pinned, forget its claim and clear its layout."""
         row = req.kv.req_pool_idx
         self.release_row(row)
+        lay = laid_out.layout_of(req)
+        if lay is not None:
+            laid_out.release_unadmitted(self, req)
+            self._drop_older_mirrors(lay.agent, lay.round_id)
         super().on_release(req, checkpointed=checkpointed)
+
+    def _drop_older_mirrors(self, agent: str, round_id: str) -> None:
+        """Keep an agent's mirrors of its latest finished round only (older diffs are dead)."""
+        rounds = self._agent_rounds.get(agent, [])
+        if round_id not in rounds:
+            return
+        older = rounds[: rounds.index(round_id)]
+        for r in older:
+            self.store.release_mirrors(agent=agent, round_id=r)
+        self._agent_rounds[agent] = rounds[len(older) :]
 
     def _insert_limit(self, row: int | None) -> int | None:
         """Row entries past this index are not in true token order / not the request's own."""
@@ -196,6 +238,9 @@ class TokenDanceRadixCache(RadixCache):
         Replaces (and frees) a previous mirror with the same key. If ``slots`` come from a
         running request's row, also :meth:`claim_row_ranges` them.
         """
+        rounds = self._agent_rounds.setdefault(agent, [])
+        if round_id not in rounds:
+            rounds.append(round_id)
         return self.store.attach_mirror(round_id, agent, node, indices, slots)
 
     def get_mirror(self, round_id: str, agent: str, node: AllGatherNode) -> Mirror | None:
@@ -221,9 +266,11 @@ class TokenDanceRadixCache(RadixCache):
         self.store.unpin(node)
 
     def claim_row_ranges(self, req_pool_idx: int, ranges: Iterable[Range]) -> None:
-        """Mark row ranges whose slots belong to masters/mirrors: the request's release will not
-        free them and ``checkpoint`` will not insert them. Ranges must lie in
-        ``[cache_protected_len, kv_allocated_len)`` of the row's request."""
+        """Mark row ranges whose slots the request does not own (a master's, a mirror's, or a
+        radix node's inserted out of band): its release will not free them and ``checkpoint``
+        will not insert past the first of them. Ranges must lie in
+        ``[cache_protected_len, kv_allocated_len)`` of the row's request (SGLang counts that
+        span as the request's own; ``protected_size`` subtracts the claimed part)."""
         self._borrowed_tokens += self._rows.setdefault(req_pool_idx, RowClaim()).add(ranges)
 
     def release_row(self, req_pool_idx: int | None) -> None:

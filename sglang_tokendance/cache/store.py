@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 
 from .audit import segment_stats, store_problems
 from .census import Chunk, IntegrityError, multiply_owned
+from .mirror_ops import MirrorOps
 from .nodes import (
     AllGatherNode,
     HashFn,
@@ -30,8 +31,6 @@ from .nodes import (
     MirrorKey,
     SegmentId,
     as_slot_tensor,
-    check_sorted_unique,
-    resolve,
     token_hash,
 )
 
@@ -52,14 +51,14 @@ class SegmentInsert(NamedTuple):
 
 
 def _as_tokens(token_ids: TokenIds) -> tuple[int, ...]:
-    ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids
-    tokens = tuple(int(t) for t in ids) if not isinstance(ids, tuple) else ids
+    # tolist() / tuple() run in C: no per-token Python loop on the lookup path.
+    tokens = tuple(token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids)
     if not tokens:
         raise ValueError("a segment needs at least one token")
     return tokens
 
 
-class SegmentStore:
+class SegmentStore(MirrorOps):
     """Masters (all-gather nodes) found by content hash, and per-(round, agent) mirrors.
 
     Args:
@@ -187,101 +186,6 @@ class SegmentStore:
 
     def node(self, node_id: SegmentId) -> AllGatherNode | None:
         return self._nodes.get(node_id)
-
-    # ---- mirrors ----------------------------------------------------------------------------
-    def attach_mirror(
-        self,
-        round_id: str,
-        agent: str,
-        node: AllGatherNode,
-        indices: torch.Tensor | Sequence[int],
-        slots: torch.Tensor | Sequence[int],
-    ) -> Mirror:
-        """Give ``agent`` a mirror of ``node`` for ``round_id``; the store takes ``slots``.
-
-        An existing mirror with the same key is replaced and its slots are freed (except any
-        that the new mirror reuses).
-
-        Raises:
-            ValueError: if ``node`` is not live, ``indices`` is not sorted unique in
-                ``[0, L)``, lengths differ, or a slot is 0.
-        """
-        self._check_live(node)
-        idx = as_slot_tensor(indices, "indices")
-        problem = check_sorted_unique(idx, node.length, f"mirror of segment {node.node_id}")
-        if problem:
-            raise ValueError(problem)
-        own = as_slot_tensor(slots, "slots")
-        if own.numel() != idx.numel():
-            raise ValueError(f"{idx.numel()} mirror indices but {own.numel()} slots")
-        if own.numel() and int(own.min()) < 1:
-            raise ValueError("slot 0 is SGLang's padding slot and cannot hold mirror KV")
-        key = MirrorKey(round_id, agent, node.node_id)
-        self._leave(node)
-        old = self._mirrors.pop(key, None)
-        if old is not None:
-            del node.mirrors[key]
-            self.mirror_tokens -= old.num_slots
-            stale = old.slots[~torch.isin(old.slots, own)]
-            if stale.numel():
-                self._free(stale)
-        mirror = Mirror(key, node, idx, own)
-        self._mirrors[key] = mirror
-        node.mirrors[key] = mirror
-        self.mirror_tokens += mirror.num_slots
-        self._enter(node)
-        self.touch(node)
-        return mirror
-
-    def get_mirror(self, round_id: str, agent: str, node: AllGatherNode) -> Mirror | None:
-        return self._mirrors.get(MirrorKey(round_id, agent, node.node_id))
-
-    def resolve(self, round_id: str, agent: str, node: AllGatherNode) -> torch.Tensor:
-        """``agent``'s slot list for ``node`` in ``round_id`` (see :func:`nodes.resolve`).
-
-        Raises:
-            KeyError: if the agent has no mirror of that segment in that round.
-        """
-        mirror = self.get_mirror(round_id, agent, node)
-        if mirror is None:
-            raise KeyError(f"no mirror for round {round_id!r}, agent {agent!r}, {node!r}")
-        self.touch(node)
-        return resolve(mirror)
-
-    def mirrors(self) -> Iterator[Mirror]:
-        return iter(list(self._mirrors.values()))
-
-    def _drop_mirror(self, mirror: Mirror) -> torch.Tensor:
-        """Unlink ``mirror`` and return its slots (not yet freed)."""
-        node = mirror.node
-        self._leave(node)
-        del self._mirrors[mirror.key]
-        del node.mirrors[mirror.key]
-        self.mirror_tokens -= mirror.num_slots
-        self._enter(node)
-        return mirror.slots
-
-    def release_mirrors(self, agent: str | None = None, round_id: str | None = None) -> int:
-        """Drop the mirrors matching ``agent`` and/or ``round_id`` (None matches any).
-
-        Returns:
-            the number of slots freed.
-        """
-        chosen = [
-            m
-            for k, m in self._mirrors.items()
-            if (agent is None or k.agent == agent) and (round_id is None or k.round_id == round_id)
-        ]
-        freed = [self._drop_mirror(m) for m in chosen]
-        return self._free_all(freed)
-
-    def _free_all(self, tensors: Iterable[torch.Tensor]) -> int:
-        parts = [t for t in tensors if t.numel()]
-        if not parts:
-            return 0
-        slots = torch.cat(parts)
-        self._free(slots)
-        return int(slots.numel())
 
     # ---- pins and eviction ------------------------------------------------------------------
     def pin(self, node: AllGatherNode) -> None:

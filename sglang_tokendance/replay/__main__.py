@@ -48,25 +48,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("trace", metavar="TRACE", help="trace file (JSON Lines, format v1)")
     ap.add_argument("--url", help="server URL (default: start an embedded CPU server)")
-    ap.add_argument("--mode", choices=MODES, default="tokendance",
-                    help="hints sent (off: plain prompts) and the embedded server's mode")
-    ap.add_argument("--closed-loop", action="store_true",
-                    help="feed each round's generated outputs into the next round's shared "
-                    "segments (default: open loop, recorded texts)")  # fmt: skip
+    ap.add_argument(
+        "--mode",
+        choices=MODES,
+        default="tokendance",
+        help="hints sent (off: plain prompts) and the embedded server's mode",
+    )
+    ap.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help="feed each round's generated outputs into the next round's shared "
+        "segments (default: open loop, recorded texts)",
+    )
     ap.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
-    ap.add_argument("--concurrency", type=int, metavar="K",
-                    help="at most K requests in flight (default: a whole round at once)")
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="K",
+        help="at most K requests in flight (default: a whole round at once)",
+    )
     ap.add_argument("--model", default="tiny", help="embedded server model: tiny | small | DIR")
     ap.add_argument("--arch", default="llama", choices=("llama", "qwen2"))
     ap.add_argument("--max-rounds", type=int, metavar="R", help="replay only the first R rounds")
-    ap.add_argument("--server-args", default="", metavar="ARGS",
-                    help="more launch_server flags for the embedded server (one string)")
+    ap.add_argument(
+        "--server-args",
+        default="",
+        metavar="ARGS",
+        help="more launch_server flags for the embedded server (one string)",
+    )
     ap.add_argument("--server-log", metavar="FILE", help="embedded server log file")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per-request timeout, seconds")
-    ap.add_argument("--ignore-arrival", action="store_true",
-                    help="send a round's requests at once even if the trace has arrival_s")
-    ap.add_argument("--save-prompts", action="store_true",
-                    help="include every prompt sent (and its kv_hints) in the report")
+    ap.add_argument(
+        "--ignore-arrival",
+        action="store_true",
+        help="send a round's requests at once even if the trace has arrival_s",
+    )
+    ap.add_argument(
+        "--save-prompts",
+        action="store_true",
+        help="include every prompt sent (and its kv_hints) in the report",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
@@ -98,8 +119,11 @@ def run(args: argparse.Namespace) -> int:
         extra += shlex.split(args.server_args)
         model = _model_path(args.model, args.arch)
         t0 = time.perf_counter()
-        print(f"starting embedded SGLang server ({model.name}, mode {args.mode}) ...",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"starting embedded SGLang server ({model.name}, mode {args.mode}) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         with ServerProcess(model, extra, log_path=args.server_log) as srv:
             started = time.perf_counter() - t0
             result = replay(trace, srv.url, opts)
@@ -137,8 +161,10 @@ def compare_main(argv: Sequence[str]) -> int:
         reports.append(rep)
         names.append(f"{rep.get('mode', '?')} ({Path(path).stem})")
     first = reports[0]
-    print(f"{first.get('workload')}: {first.get('agents')} agents, {first.get('rounds')} rounds, "
-          f"{first.get('requests')} requests")  # fmt: skip
+    print(
+        f"{first.get('workload')}: {first.get('agents')} agents, {first.get('rounds')} rounds, "
+        f"{first.get('requests')} requests"
+    )
     print(compare(reports, names))
     return 0
 

@@ -119,9 +119,7 @@ async def generate(
         return _result(out, meta, ttft, time.perf_counter() - t0)
 
 
-async def get_json(
-    session: aiohttp.ClientSession, url: str, path: str
-) -> dict[str, Any] | None:
+async def get_json(session: aiohttp.ClientSession, url: str, path: str) -> dict[str, Any] | None:
     """GET ``url``+``path`` as JSON; None when the route does not exist (404) or fails."""
     try:
         async with session.get(url.rstrip("/") + path) as resp:

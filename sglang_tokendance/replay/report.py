@@ -24,11 +24,25 @@ from sglang_tokendance.replay.runner import ReplayOptions, ReplayResult
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8}
 SERVER_FLAG_KEYS = (
-    "attention_backend", "radix_cache_backend", "dtype", "kv_cache_dtype", "page_size",
-    "max_total_tokens", "max_running_requests", "mem_fraction_static", "chunked_prefill_size",
-    "disable_radix_cache", "disable_overlap_schedule", "schedule_policy",
-)  # fmt: skip
-STAT_KEYS = ("kv_bytes_per_token", "kv_tokens_peak", "kv_bytes_per_agent", "dense_kv_bytes_per_agent")
+    "attention_backend",
+    "radix_cache_backend",
+    "dtype",
+    "kv_cache_dtype",
+    "page_size",
+    "max_total_tokens",
+    "max_running_requests",
+    "mem_fraction_static",
+    "chunked_prefill_size",
+    "disable_radix_cache",
+    "disable_overlap_schedule",
+    "schedule_policy",
+)
+STAT_KEYS = (
+    "kv_bytes_per_token",
+    "kv_tokens_peak",
+    "kv_bytes_per_agent",
+    "dense_kv_bytes_per_agent",
+)
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -93,8 +107,9 @@ def build_report(
     reqs = [q for r in result.rounds for q in r.requests]
     ok = [q for q in reqs if q.error is None]
     stats = result.stats or {}
-    src: dict[str, str | None] = {k: "server" if stats.get(k) is not None else None
-                                  for k in STAT_KEYS}  # fmt: skip
+    src: dict[str, str | None] = {
+        k: "server" if stats.get(k) is not None else None for k in STAT_KEYS
+    }
     per_tok = stats.get("kv_bytes_per_token")
     if per_tok is None:
         per_tok = kv_bytes_per_token_from_config(result.server_info)
@@ -144,8 +159,11 @@ def build_report(
             for r in result.rounds
         ],
         "outputs": [{"round": q.round, "agent": q.agent, "text": q.text} for q in reqs],
-        "errors": [{"round": q.round, "agent": q.agent, "error": q.error} for q in reqs
-                   if q.error is not None],  # fmt: skip
+        "errors": [
+            {"round": q.round, "agent": q.agent, "error": q.error}
+            for q in reqs
+            if q.error is not None
+        ],
     }
     if include_prompts:
         report["prompts"] = [
@@ -191,8 +209,10 @@ def summary(report: dict[str, Any]) -> str:
         f"  wall                     {report['wall_s']:.2f} s",
     ]
     if report["errors"]:
-        lines.append(f"  ERRORS: {len(report['errors'])} failed requests, first: "
-                     f"{report['errors'][0]['error'][:200]}")  # fmt: skip
+        lines.append(
+            f"  ERRORS: {len(report['errors'])} failed requests, first: "
+            f"{report['errors'][0]['error'][:200]}"
+        )
     return "\n".join(lines)
 
 

@@ -128,6 +128,10 @@ class TraceRecorder:
         """
         trace = self.to_trace()
         write_trace(path, trace)
-        logger.info("recorded %d requests in %d rounds to %s", len(trace.requests),
-                    trace.header.rounds, path)  # fmt: skip
+        logger.info(
+            "recorded %d requests in %d rounds to %s",
+            len(trace.requests),
+            trace.header.rounds,
+            path,
+        )
         return trace

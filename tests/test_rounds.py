@@ -1,0 +1,180 @@
+"""The TokenDance round on the real CPU server (tiny Llama): exactness, sharing, robustness."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from roundclient import generate, round_bodies, run_round, run_trace, segments_of, stats
+from sglang_tokendance.hints import build_request
+from sglang_tokendance.server import ServerProcess
+from sglang_tokendance.trace import generative_agents
+
+WORKLOAD = dict(agents=8, rounds=3, seed=3, private_words=60, shared_words=18, max_tokens=4)
+
+
+def _server(model: Path, tmp: Path, name: str, flags: list[str]) -> ServerProcess:
+    return ServerProcess(model, flags, log_path=tmp / f"{name}.log")
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
+    """mode off, tokendance at ratio 1.0, tokendance at 0.15, pic at 1.0 (all on one model)."""
+    tmp = tmp_path_factory.mktemp("round-servers")
+    specs = {
+        "off": ["--enable-tokendance", "--tokendance-mode", "off"],
+        "td_full": ["--enable-tokendance", "--tokendance-recompute-ratio", "1.0"],
+        "td": ["--enable-tokendance", "--tokendance-recompute-ratio", "0.15",
+               "--tokendance-round-timeout-ms", "1500"],
+        "pic_full": ["--enable-tokendance", "--tokendance-mode", "pic",
+                     "--tokendance-recompute-ratio", "1.0"],
+    }
+    started: dict[str, ServerProcess] = {}
+    try:
+        for name, flags in specs.items():
+            started[name] = _server(tiny_llama, tmp, name, flags).start()
+        yield started
+    finally:
+        for srv in started.values():
+            srv.stop()
+
+
+def _ids(responses: list[list[dict]]) -> list[list[list[int]]]:
+    return [[r["output_ids"] for r in rnd] for rnd in responses]
+
+
+def test_full_recompute_equals_mode_off_token_for_token(servers) -> None:
+    trace = generative_agents(**WORKLOAD)
+    off = _ids(run_trace(servers["off"].url, trace, hints=False, prefix="x"))
+    td = _ids(run_trace(servers["td_full"].url, trace, hints=True, prefix="x"))
+    pic = _ids(run_trace(servers["pic_full"].url, trace, hints=True, prefix="x"))
+    assert td == off
+    assert pic == off
+    s = stats(servers["td_full"].url)
+    assert s["rounds"] == 3 and s["requests"] == 24
+
+
+def test_one_master_per_segment_and_sparse_mirrors(servers) -> None:
+    url = servers["td"].url
+    before = stats(url)
+    trace = generative_agents(agents=16, rounds=1, seed=5, private_words=40, shared_words=24)
+    reqs = trace.rounds()[1]
+    run_round(url, round_bodies(reqs, "share1", True, 2))
+    s = stats(url)
+    seg_lens = {}
+    for r in reqs:
+        for seg in r.segments:
+            if seg.type == "shared":
+                seg_lens[seg.id] = seg.text
+    assert len(seg_lens) == 16
+    assert s["masters_created"] - before["masters_created"] == 16
+    rnd = s["per_round"][-1]
+    assert rnd["round"] == "share1" and rnd["agents"] == 16
+    # mirrors: every reuse agent keeps ceil(0.15 * L) recomputed tokens per segment
+    store_round = s["store"]
+    assert store_round["mirror_tokens"] > 0
+    # prefill computed is far below mode off's (every prompt in full)
+    off_url = servers["off"].url
+    off_before = stats(off_url)
+    run_round(off_url, round_bodies(reqs, "share1", False, 2))
+    off_round = stats(off_url)["per_round"]
+    assert off_before is not None
+    off_computed = off_round[-1]["prefill_tokens_computed"]
+    assert rnd["prefill_tokens_computed"] < 0.7 * off_computed
+    assert s["integrity"] == "ok"
+
+
+def test_round_missing_an_agent_completes_after_the_timeout(servers) -> None:
+    url = servers["td"].url
+    trace = generative_agents(agents=3, rounds=1, seed=11, private_words=30, shared_words=10)
+    bodies = round_bodies(trace.rounds()[1], "partial", True, 2)
+    t0 = time.monotonic()
+    out = run_round(url, bodies[:2])  # the third agent never comes
+    waited = time.monotonic() - t0
+    assert len(out) == 2 and all(len(o["output_ids"]) == 2 for o in out)
+    assert waited >= 1.4  # held until the 1.5 s round timeout
+    assert stats(url)["integrity"] == "ok"
+
+
+def test_hintless_requests_are_not_delayed_by_a_held_round(servers) -> None:
+    url = servers["td"].url
+    trace = generative_agents(agents=3, rounds=1, seed=12, private_words=30, shared_words=10)
+    bodies = round_bodies(trace.rounds()[1], "held", True, 2)
+    box: dict[str, requests.Response] = {}
+    th = threading.Thread(target=lambda: box.setdefault("r", generate(url, bodies[0])))
+    th.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    plain = generate(url, {"text": "A plain prompt.", "sampling_params": {"max_new_tokens": 2}})
+    assert plain.status_code == 200
+    assert "r" not in box  # the hinted request is still held by its round
+    assert time.monotonic() - t0 < 1.5
+    th.join(timeout=60)
+    assert box["r"].status_code == 200
+
+
+def test_aborted_agent_leaves_no_leaked_slot(servers) -> None:
+    url = servers["td"].url
+    trace = generative_agents(agents=2, rounds=1, seed=13, private_words=30, shared_words=10)
+    bodies = round_bodies(trace.rounds()[1], "abort1", True, 64)
+    bodies[0]["rid"] = "abort-me-0"
+    box: dict[str, requests.Response] = {}
+    th = threading.Thread(target=lambda: box.setdefault("r", generate(url, bodies[0])))
+    th.start()
+    time.sleep(0.3)
+    requests.post(url + "/abort_request", json={"rid": "abort-me-0"}, timeout=30)
+    th.join(timeout=60)
+    assert not th.is_alive()
+    run_round(url, [bodies[1]])  # the other agent still completes (late or timed out)
+    assert stats(url)["integrity"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p["segments"][1].update(type="public"), "unknown type 'public'"),
+        (lambda p: p["segments"][0].update(end=10**6), "out of range"),
+        (lambda p: p.update(round_size=0), "round_size"),
+    ],
+)
+def test_malformed_hints_get_a_400_naming_the_problem(servers, mutate, message) -> None:
+    url = servers["td"].url
+    trace = generative_agents(agents=2, rounds=1, seed=14, private_words=20, shared_words=8)
+    text, env = build_request(segments_of(trace.rounds()[1][0]), "bad", 2, "a")
+    mutate(env["actions"][0]["payload"])
+    r = generate(url, {"text": text, "kv_hints": env, "sampling_params": {"max_new_tokens": 2}})
+    assert r.status_code == 400 and message in r.text
+    ok = generate(url, {"text": "still serving", "sampling_params": {"max_new_tokens": 2}})
+    assert ok.status_code == 200
+
+
+def test_round_size_mismatch_is_refused(servers) -> None:
+    url = servers["td"].url
+    trace = generative_agents(agents=2, rounds=1, seed=15, private_words=20, shared_words=8)
+    r0, r1 = trace.rounds()[1]
+    t0, e0 = build_request(segments_of(r0), "mm", 2, r0.agent)
+    t1, e1 = build_request(segments_of(r1), "mm", 5, r1.agent)
+    box: dict[str, requests.Response] = {}
+    th = threading.Thread(
+        target=lambda: box.setdefault("a", generate(url, {"text": t0, "kv_hints": e0,
+                                                          "sampling_params": {"max_new_tokens": 1}}))
+    )
+    th.start()
+    time.sleep(0.2)
+    bad = generate(url, {"text": t1, "kv_hints": e1, "sampling_params": {"max_new_tokens": 1}})
+    assert bad.status_code == 400 and "round_size 2" in bad.text
+    th.join(timeout=60)
+    assert box["a"].status_code == 200
+
+
+def test_recompute_set_size_matches_ratio() -> None:
+    from sglang_tokendance.collector import select_recompute
+
+    assert select_recompute(40, 0.15, "leading").tolist() == list(range(math.ceil(6.0)))
+    assert select_recompute(3, 1.0, "leading").tolist() == [0, 1, 2]
+    assert select_recompute(5, 0.0, "leading").numel() == 0
