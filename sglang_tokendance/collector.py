@@ -164,8 +164,10 @@ class Collector:
             use.recompute = select_recompute(
                 len(toks), self.cfg.recompute_ratio, self.cfg.selection
             )
-        if all(u.node is None for u in lay.shared):
-            setattr(req, MASTER_ATTR, list(lay.shared))
+        lay.dense_copy = self.cfg.mode == "pic"
+        missing = [u for u in lay.shared if u.node is None]
+        if missing and len(missing) == len(lay.shared):
+            setattr(req, MASTER_ATTR, missing)
             setattr(req, ATTR, None)
 
     # ---- after a prefill forward ------------------------------------------------------------
@@ -174,11 +176,16 @@ class Collector:
         authored = getattr(req, MASTER_ATTR, None)
         if authored:
             setattr(req, MASTER_ATTR, None)
-            self._promote(req, authored)
+            self._promote(req, authored, None)
             return self._master_done(req)
         lay = layout_of(req)
-        if lay is not None and self.cfg.mode == "tokendance":
-            self._attach_mirrors(req, lay)
+        if lay is not None:
+            # segments that had no master were computed fresh here: they become masters
+            fresh = [u for u in lay.shared if u.node is None]
+            if fresh:
+                self._promote(req, fresh, lay.row_pos)
+            if self.cfg.mode == "tokendance":
+                self._attach_mirrors(req, lay)
         return []
 
     def _master_done(self, req: Any) -> list[Any]:
@@ -200,18 +207,29 @@ class Collector:
                     freed += self._release_waiting(state)
         return freed
 
-    def _promote(self, req: Any, authored: list[SharedUse]) -> None:
+    def _promote(
+        self, req: Any, authored: list[SharedUse], row_pos: torch.Tensor | None
+    ) -> None:
         row = req.kv.req_pool_idx
         if row is None:
             return
         row_slots = self.cache.req_to_token_pool.req_to_token[row]
+        true_ids = layout_of(req).true_ids if row_pos is not None else req.origin_input_ids
         for use in authored:
-            toks = tuple(req.origin_input_ids[use.start : use.end])
-            slots = row_slots[use.start : use.end].to(torch.int64).clone()
+            if row_pos is None:  # a true-order row
+                idx = torch.arange(use.start, use.end)
+            else:  # a fully fresh segment is one contiguous run of the fresh region
+                idx = torch.nonzero((row_pos >= use.start) & (row_pos < use.end)).flatten()
+                if idx.numel() != use.end - use.start or _runs(idx) != [
+                    (int(idx[0]), int(idx[-1]) + 1)
+                ]:
+                    continue
+            toks = tuple(true_ids[use.start : use.end])
+            slots = row_slots[idx].to(torch.int64).clone()
             pos = torch.arange(use.start, use.end, dtype=torch.int32)
             res = self.cache.insert_segment(toks, slots, pos)
             if res.inserted:
-                self.cache.claim_row_ranges(row, [(use.start, use.end)])
+                self.cache.claim_row_ranges(row, _runs(idx))
                 self.cache.pin_segment(res.node, row)
                 self.counters.masters_created += 1
 

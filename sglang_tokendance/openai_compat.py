@@ -8,21 +8,17 @@ read from the raw JSON body:
 1. an AROUND hook on each route's ``handle_request`` (async) reads ``await raw_request.json()``
    (Starlette caches the body FastAPI already parsed) and keeps ``kv_hints`` in
    ``raw_request.state``;
-2. completions: an AFTER hook on ``_convert_to_internal_request`` puts it on the
-   ``GenerateReqInput`` (``kv_hints``), after checking the envelope (malformed: a 400, as on
-   /generate);
-3. chat: an AFTER hook on ``_process_messages`` remembers the prompt the chat template rendered
-   (thread-local: the conversion runs in one executor thread), and an AROUND hook on
-   ``_convert_to_internal_request`` sends that text (not SGLang's pre-tokenized ids, so the
-   entry hook can tokenize segment by segment) with the hint moved onto it.
+2. an AFTER hook on ``_convert_to_internal_request`` puts it on the ``GenerateReqInput``
+   (``kv_hints``), after checking the envelope (malformed: a 400, as on /generate).
 
 Completions: the hint's character spans refer to the prompt string, as on /generate.
 Chat: the spans refer to the concatenation of the messages' text contents, in order (what
-``build_request`` returns for the joined contents); the hook finds each message's content in
-the prompt rendered by the chat template and moves the spans there, template text becoming
-private segments. A shared span that crosses a message boundary, or a content the template
-does not reproduce verbatim, is a 400. Text-only clients can instead use the separator form
-(``hints.build_separated``), which the entry hook parses for every route.
+``build_request`` returns for the joined contents). SGLang keeps only token ids for text chat
+models, so the hook renders the template again (verified: it must encode to SGLang's ids), finds
+each message's content in it and moves the spans there, template text becoming private
+segments; the request is then sent as that text. A shared span that crosses a message
+boundary, or a prompt that cannot be recovered as text, is a 400. Text-only clients can instead
+use the separator form (``hints.build_separated``), which the entry hook parses on every route.
 
 Every hook is a no-op unless the server runs with ``--enable-tokendance``.
 """
@@ -30,7 +26,6 @@ Every hook is a no-op unless the server runs with ``--enable-tokendance``.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from sglang_tokendance.hints import ACTION_TYPE, HintError, find_action, parse_payload
@@ -42,13 +37,11 @@ STATE_ATTR = "tokendance_kv_hints"
 _OPENAI = "sglang.srt.entrypoints.openai"
 COMPLETION = f"{_OPENAI}.serving_completions.OpenAIServingCompletion"
 CHAT = f"{_OPENAI}.serving_chat.OpenAIServingChat"
-_rendered = threading.local()  # chat: the prompt the template rendered, per worker thread
 HOOK_TARGETS: tuple[str, ...] = (
     f"{COMPLETION}.handle_request",
     f"{COMPLETION}._convert_to_internal_request",
     f"{CHAT}.handle_request",
     f"{CHAT}._convert_to_internal_request",
-    f"{CHAT}._process_messages",
 )
 
 
@@ -143,7 +136,44 @@ def _with_payload(envelope: dict[str, Any], payload: dict[str, Any]) -> dict[str
     return {**envelope, "actions": actions}
 
 
-def _attach(result: Any, request: Any, raw_request: Any, rendered: str | None) -> Any:
+def render_chat(serving: Any, request: Any, adapted: Any) -> str:
+    """The chat prompt as text, verified against the ids SGLang rendered for it.
+
+    SGLang 0.5.23 keeps only token ids for text-only chat models, so the template is rendered
+    again here from the messages' texts; the result is used only if it encodes to exactly the
+    ids SGLang produced (with or without special tokens).
+
+    Raises:
+        HintError: if the text cannot be recovered exactly.
+    """
+    if isinstance(adapted.text, str):
+        return adapted.text
+    tok = serving.tokenizer_manager.tokenizer
+    msgs = [
+        {"role": m.role, "content": _content_text(getattr(m, "content", None))}
+        for m in request.messages
+    ]
+    kwargs = dict(getattr(request, "chat_template_kwargs", None) or {})
+    try:
+        text = tok.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True, return_dict=False, **kwargs
+        )
+    except Exception as e:  # noqa: BLE001 - any template failure means: cannot place the hint
+        raise HintError(f"invalid TokenDance hint: cannot render the chat prompt ({e})") from e
+    ids = list(adapted.input_ids or [])
+    if not isinstance(text, str) or ids not in (
+        list(tok.encode(text, add_special_tokens=False)),
+        list(tok.encode(text)),
+    ):
+        raise HintError(
+            "invalid TokenDance hint: this chat request's prompt cannot be recovered as text "
+            "(tools, media or a lossy template); send it to /v1/completions instead"
+        )
+    return text
+
+
+def after_convert(result: Any, serving: Any, request: Any, raw_request: Any = None) -> Any:
+    """Attach the kept ``kv_hints`` to the GenerateReqInput (chat: spans moved, see above)."""
     state = getattr(raw_request, "state", None)
     hints = getattr(state, STATE_ATTR, None) if state is not None else None
     if hints is None:
@@ -154,36 +184,17 @@ def _attach(result: Any, request: Any, raw_request: Any, rendered: str | None) -
     decode_kv_hints_envelope(hints)  # ValueError (-> 400) on a malformed envelope
     payload = find_action(hints)
     chat = hasattr(request, "messages")
-    if payload is not None and not isinstance(rendered, str):
-        raise HintError("invalid TokenDance hint: kv_hints needs one text prompt per request")
     if payload is not None and chat:
+        rendered = render_chat(serving, request, adapted)
         contents = [_content_text(getattr(m, "content", None)) for m in request.messages]
         hints = _with_payload(hints, map_chat_spans(payload, contents, rendered))
         # The entry hook tokenizes the hinted text segment by segment.
         adapted.text, adapted.input_ids = rendered, None
+    elif payload is not None and not isinstance(adapted.text, str):
+        raise HintError("invalid TokenDance hint: kv_hints needs one text prompt per request")
     adapted.kv_hints = hints
     logger.debug("kv_hints attached to a %s request", "chat" if chat else "completion")
     return adapted, processed
-
-
-def after_convert(result: Any, serving: Any, request: Any, raw_request: Any = None) -> Any:
-    """Completions: attach the kept ``kv_hints`` to the GenerateReqInput."""
-    return _attach(result, request, raw_request, result[0].text)
-
-
-def after_process_messages(result: Any, serving: Any, *args: Any, **kwargs: Any) -> Any:
-    """Chat: remember the prompt the chat template rendered (same thread as the conversion)."""
-    _rendered.prompt = getattr(result, "prompt", None)
-    return result
-
-
-def around_chat_convert(
-    original: Any, serving: Any, request: Any, raw_request: Any = None, *args: Any, **kw: Any
-) -> Any:
-    """Chat: attach the kept ``kv_hints``, spans moved onto the rendered prompt."""
-    _rendered.prompt = None
-    result = original(serving, request, raw_request, *args, **kw)
-    return _attach(result, request, raw_request, _rendered.prompt or None)
 
 
 _installed = False
@@ -198,7 +209,5 @@ def install_hooks() -> None:
 
     for cls in (COMPLETION, CHAT):
         HookRegistry.register(f"{cls}.handle_request", around_handle_request, HookType.AROUND)
-    HookRegistry.register(HOOK_TARGETS[1], after_convert, HookType.AFTER)
-    HookRegistry.register(HOOK_TARGETS[3], around_chat_convert, HookType.AROUND)
-    HookRegistry.register(HOOK_TARGETS[4], after_process_messages, HookType.AFTER)
+        HookRegistry.register(f"{cls}._convert_to_internal_request", after_convert, HookType.AFTER)
     _installed = True

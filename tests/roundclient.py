@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,7 +54,13 @@ def run_trace(
     return out
 
 
-def stats(url: str) -> dict[str, Any]:
-    r = requests.get(url + "/tokendance/stats", timeout=60)
-    r.raise_for_status()
-    return r.json()
+def stats(url: str, settle_s: float = 10.0) -> dict[str, Any]:
+    """GET /tokendance/stats; retried until the server is idle enough to check integrity."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        r = requests.get(url + "/tokendance/stats", timeout=60)
+        r.raise_for_status()
+        body = r.json()
+        if body.get("integrity") != "busy" or time.monotonic() > deadline:
+            return body
+        time.sleep(0.1)

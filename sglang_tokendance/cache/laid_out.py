@@ -24,7 +24,12 @@ from array import array
 from typing import Any
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams, MatchResult
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    InsertParams,
+    MatchPrefixParams,
+    MatchResult,
+)
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from .layout import RowLayout, plan_row
@@ -92,12 +97,38 @@ def on_rows_allocated(cache: Any, reqs: list[Any]) -> None:
             continue  # a later chunk of an already laid-out request
         cache.positions.set_layout(row, lay.row_pos)
         m = int(lay.reused_slots.numel())
+        if m and lay.dense_copy and _copy_reused(cache, row, lay, m):
+            for node in lay.reused_nodes:  # the copy no longer reads the masters
+                cache.unpin_segment(node)
+            lay.reused_nodes = []
+            continue
         if m:
             cache.claim_row_ranges(row, [(lay.cached_len, lay.cached_len + m)])
         for node in lay.reused_nodes:  # hand the match-time pins to the row (net zero)
             cache.pin_segment(node, row)
             cache.unpin_segment(node)
         lay.reused_nodes = []
+
+
+def _copy_reused(cache: Any, row: int, lay: RowLayout, m: int) -> bool:
+    """Give ``row[c : c + m]`` private copies of the reused master slots (pic mode)."""
+    alloc = cache.token_to_kv_pool_allocator
+    new = alloc.alloc(m)
+    if new is None:
+        cache.evict(EvictParams(num_tokens=m))
+        new = alloc.alloc(m)
+    if new is None:
+        return False  # no room for a copy: reference the masters instead
+    src = lay.reused_slots.to(new.device)
+    kv = alloc.get_kvcache()
+    dst, src_l = new.long(), src.long()
+    for k_buf, v_buf in zip(kv.k_buffer, kv.v_buffer, strict=True):  # per layer, not per token
+        k_buf[dst] = k_buf[src_l]
+        v_buf[dst] = v_buf[src_l]
+    cache.positions.slot_pos[new.long()] = cache.positions.slot_pos[src.long()]
+    c = lay.cached_len
+    cache.req_to_token_pool.req_to_token[row, c : c + m] = new.to(torch.int32)
+    return True
 
 
 def insert_true_prefix(cache: Any, req: Any, lay: RowLayout) -> None:

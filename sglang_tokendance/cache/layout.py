@@ -56,6 +56,9 @@ class RowLayout:
     row_pos: torch.Tensor | None = None  # int64 [n]: true position of each row entry
     reused_slots: torch.Tensor | None = None  # int64 [m]: master slots at row[c : c + m]
     reused_nodes: list[AllGatherNode] = field(default_factory=list)
+    # pic mode (per-request PIC baseline): copy reused master KV into the request's own slots
+    # (a dense private copy, as CacheBlend keeps), instead of referencing the master.
+    dense_copy: bool = False
 
 
 class RowPlan(NamedTuple):
@@ -77,7 +80,9 @@ def plan_row(layout: RowLayout, cached_len: int) -> RowPlan:
     """
     n = len(layout.true_ids)
     if not 0 <= cached_len <= layout.prefix_len:
-        raise ValueError(f"cached_len {cached_len} outside the private prefix 0..{layout.prefix_len}")
+        raise ValueError(
+            f"cached_len {cached_len} outside the private prefix 0..{layout.prefix_len}"
+        )
     reused_mask = torch.zeros(n, dtype=torch.bool)
     reused_pos: list[torch.Tensor] = []
     reused_slots: list[torch.Tensor] = []

@@ -4,8 +4,10 @@ Where the numbers come from:
 - token counts: SGLang's ``meta_info`` per request; ``prefill_tokens_computed`` is the sum of
   ``prompt_tokens - cached_tokens``.
 - ``ttft_ms``: measured on the client from the streamed answer (``ttft_source: "stream"``).
-- KV sizes: ``GET /tokendance/stats`` when the server has it (``kv_tokens_peak``,
-  ``kv_bytes_per_agent``, ``dense_kv_bytes_per_agent``, ``kv_bytes_per_token``). Otherwise
+- KV sizes: ``GET /tokendance/stats`` (read once, after the last round) when the server has it
+  (``kv_tokens_peak``, ``kv_bytes_per_agent``, ``dense_kv_bytes_per_agent``,
+  ``kv_bytes_per_token``, as the server defines them; the whole answer is kept under
+  ``server_stats``). Otherwise
   ``kv_bytes_per_token`` is computed from the model's ``config.json`` (readable when the server
   runs on this machine) and the KV dtype, ``dense_kv_bytes_per_agent`` as the mean over requests
   of (prompt + completion tokens) x ``kv_bytes_per_token``; what is not known is null.
@@ -191,6 +193,7 @@ def summary(report: dict[str, Any]) -> str:
     """A one-screen text summary of a report."""
     rl, tt = report["round_latency_ms"], report["ttft_ms"]
     srv = report["server"]
+    ttft_label = f"TTFT ms ({report['ttft_source']})"
     lines = [
         f"TokenDance replay: {report['workload']} ({report['trace']})",
         f"  mode {report['mode']}{' closed loop' if report['closed_loop'] else ' open loop'}, "
@@ -204,8 +207,7 @@ def summary(report: dict[str, Any]) -> str:
         f"  KV tokens peak           {_fmt(report['kv_tokens_peak'])}",
         f"  round latency ms         p50 {_fmt(rl['p50'])}  p90 {_fmt(rl['p90'])}  "
         f"max {_fmt(rl['max'])}",
-        f"  TTFT ms ({report['ttft_source']})        p50 {_fmt(tt['p50'])}  p90 {_fmt(tt['p90'])}  "
-        f"max {_fmt(tt['max'])}",
+        f"  {ttft_label:25}p50 {_fmt(tt['p50'])}  p90 {_fmt(tt['p90'])}  max {_fmt(tt['max'])}",
         f"  wall                     {report['wall_s']:.2f} s",
     ]
     if report["errors"]:
