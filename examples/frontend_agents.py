@@ -3,8 +3,9 @@
 Every round one ``sgl.function`` run forks one state per agent: a common town prefix, the
 agent's persona and memory of what it said (private), every other agent's last utterance
 (shared segments ``r<r-1>/<agent>``, each agent in its own order), and the agent's
-instruction (private); then one ``sgl.gen`` per agent, all in flight together. The generations
-go through :class:`~sglang_tokendance.frontend.TokenDanceEndpoint`, which attaches the hints.
+instruction (private); then one ``sgl.gen`` per agent, all in flight together, with the round
+id ``<run id>-r<r>`` in their hints (unique per run). The generations go through
+:class:`~sglang_tokendance.frontend.TokenDanceEndpoint`, which attaches the hints.
 
     python examples/frontend_agents.py [--url URL] [--agents 4] [--rounds 3] [--record FILE]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from collections.abc import Sequence
 
 import sglang as sgl
@@ -92,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--record", metavar="FILE", help="write a tokendance-trace of the run")
+    ap.add_argument("--run-id", default=uuid.uuid4().hex[:6], help="prefix of the round ids")
     args = ap.parse_args(argv)
     if not 2 <= args.agents <= len(NAMES):
         ap.error(f"--agents must be in 2..{len(NAMES)}")
@@ -120,9 +123,25 @@ def run(args: argparse.Namespace, url: str) -> int:
     said: dict[str, list[str]] = {a: [] for a in agents}
     for r in range(1, args.rounds + 1):
         n_before = len(endpoint.history)
+        round_id = f"{args.run_id}-r{r}"  # unique per run: the server checks a round's texts
         town_round.run(
-            agents, personas, said, outputs, f"r{r - 1}", f"r{r}", args.max_tokens, backend=endpoint
+            agents,
+            personas,
+            said,
+            outputs,
+            f"r{r - 1}",
+            round_id,
+            args.max_tokens,
+            backend=endpoint,
         )
+        done = len(endpoint.history) - n_before
+        if done != len(agents):
+            print(
+                f"error: {len(agents) - done} of {len(agents)} generations of round {r} failed "
+                "(see the warnings above)",
+                file=sys.stderr,
+            )
+            return 1
         outputs = {}
         for g in endpoint.history[n_before:]:
             text = g.output.strip()

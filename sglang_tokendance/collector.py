@@ -132,6 +132,7 @@ class Collector:
                 # Phase A: full prefill in this agent's context; its rows become the masters.
                 setattr(req, MASTER_ATTR, authored)
                 setattr(req, ATTR, None)
+                req.tokendance_insert_cap = min(u.start for u in lay.shared)
                 missing -= {u.seg_id for u in authored}
                 state.masters_pending.add(req.rid)
                 now.append(req)
@@ -169,6 +170,7 @@ class Collector:
         if missing and len(missing) == len(lay.shared):
             setattr(req, MASTER_ATTR, missing)
             setattr(req, ATTR, None)
+            req.tokendance_insert_cap = lay.prefix_len
 
     # ---- after a prefill forward ------------------------------------------------------------
     def on_prefill_done(self, req: Any) -> list[Any]:

@@ -25,6 +25,7 @@ from sglang_tokendance.rounds import RoundBarrier
 logger = logging.getLogger(__name__)
 
 STATE_ATTR = "_tokendance"
+_DEBUG = bool(__import__("os").environ.get("TOKENDANCE_DEBUG_ACCOUNTING"))
 RELEASED_ATTR = "_tokendance_released"
 
 
@@ -47,6 +48,14 @@ class TokenDanceScheduler:
         sched = self.scheduler
         alloc = sched.token_to_kv_pool_allocator
         used = int(alloc.size - alloc.available_size() - sched.tree_cache.evictable_size())
+        if _DEBUG:
+            tc = sched.tree_cache
+            logger.warning(
+                "ACCT mode=%s reqs=%s avail=%d evict=%d prot=%d (radix %d/%d store %d borrowed %d)",
+                batch.forward_mode, [r.rid[:4] for r in batch.reqs], alloc.available_size(),
+                tc.evictable_size(), tc.protected_size(), tc.evictable_size_, tc.protected_size_,
+                tc.store.protected_tokens, tc.borrowed_tokens,
+            )
         self.peak_used_tokens = max(self.peak_used_tokens, used)
         seen: set[str] = set()
         for req in batch.reqs:
@@ -102,6 +111,7 @@ class TokenDanceScheduler:
         if lay is None:
             return False
         setattr(req, ATTR, lay)
+        req.tokendance_agent = (lay.agent, lay.round_id)
         if self.cfg.mode == "pic":
             self.collector.plan_alone(req)
             self._queue([req])

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_replay_shared import shared_server
 
 from sglang_tokendance.replay import ReplayOptions, replay
-from sglang_tokendance.server import ServerProcess
 from sglang_tokendance.trace import Segment, TraceError, read_trace, validate_trace
 from sglang_tokendance.trace.recorder import TraceRecorder
 
@@ -18,17 +17,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def td_server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with ServerProcess(tiny_llama, ["--enable-tokendance"], log_path=log) as srv:
-        yield srv.url
+def td_server(
+    request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    return shared_server(request, tiny_llama, tmp_path_factory)
 
 
 @pytest.mark.server
 def test_frontend_example_records_a_replayable_trace(td_server: str, tmp_path: Path) -> None:
     rec = tmp_path / "frontend.jsonl"
-    cmd = [sys.executable, str(ROOT / "examples" / "frontend_agents.py"), "--url", td_server,
-           "--agents", "3", "--rounds", "2", "--max-tokens", "4", "--record", str(rec)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "frontend_agents.py"),
+        "--url",
+        td_server,
+        "--agents",
+        "3",
+        "--rounds",
+        "2",
+        "--max-tokens",
+        "4",
+        "--record",
+        str(rec),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "round 2:" in res.stdout and "6 hinted generations, 12 shared segments" in res.stdout
@@ -57,7 +68,7 @@ def test_endpoint_attaches_hints(td_server: str) -> None:
         forks[0] += "I am A."
         forks[1] += "I am B, longer."
         all_gather_round(forks, {"a": "\nA: hi", "b": "\nB: yo"}, "r0", agents=["a", "b"])
-        begin_round(forks, ["a", "b"], "r1")
+        begin_round(forks, ["a", "b"], "unit-r1")
         for f in forks:
             f += "\nSay:" + sgl.gen("x", max_tokens=2, temperature=0)
         forks.join()
@@ -66,10 +77,14 @@ def test_endpoint_attaches_hints(td_server: str) -> None:
     prog.run(backend=endpoint)
     assert len(endpoint.history) == 2
     for g in endpoint.history:
-        assert g.round_id == "r1" and g.round_size == 2 and g.max_tokens == 2
+        assert g.round_id == "unit-r1" and g.round_size == 2 and g.max_tokens == 2
         types = [(t, i) for t, i, _, _ in g.segments]
-        assert types == [("private", None), ("shared", "r0/a"), ("shared", "r0/b"),
-                         ("private", None)]  # fmt: skip
+        assert types == [
+            ("private", None),
+            ("shared", "r0/a"),
+            ("shared", "r0/b"),
+            ("private", None),
+        ]
         assert [x for _, _, x, _ in g.segments][1:3] == ["\nA: hi", "\nB: yo"]
         assert g.meta_info["prompt_tokens"] > 0
 
@@ -77,10 +92,24 @@ def test_endpoint_attaches_hints(td_server: str) -> None:
 def test_recorder_writes_a_valid_trace(tmp_path: Path) -> None:
     rec = TraceRecorder(workload="unit", source="test")
     for agent in ("a", "b"):
-        rec.add(1, agent, [("private", None, f"I am {agent}."), ("shared", "r0/x", "\nX: hi")],
-                4, f"\n{agent.upper()}: ok")  # fmt: skip
-    rec.add(2, "a", [Segment("private", "P"), {"type": "shared", "id": "r1/b", "text": "\nB: ok"},
-                     ("private", None, "")], 4, "\nA: done")  # fmt: skip
+        rec.add(
+            1,
+            agent,
+            [("private", None, f"I am {agent}."), ("shared", "r0/x", "\nX: hi")],
+            4,
+            f"\n{agent.upper()}: ok",
+        )
+    rec.add(
+        2,
+        "a",
+        [
+            Segment("private", "P"),
+            {"type": "shared", "id": "r1/b", "text": "\nB: ok"},
+            ("private", None, ""),
+        ],
+        4,
+        "\nA: done",
+    )
     path = tmp_path / "rec.jsonl"
     trace = rec.write(path)
     assert validate_trace(path) == []

@@ -1,43 +1,44 @@
-"""TokenDance hints on the OpenAI-compatible routes, with the real server and the openai client.
-
-Until plugin.register() installs ``openai_compat.install_hooks``, the server is started through
-a bootstrap that installs them before SGLang loads its plugins (the same HookRegistry path).
-"""
+"""TokenDance hints on the OpenAI-compatible routes, with the real server and the openai client
+(the shared test server has the OpenAI-route hooks installed: see test_replay_shared.py)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from test_replay_shared import shared_server
 
 from sglang_tokendance.hints import HintError, build_request
 from sglang_tokendance.openai_compat import map_chat_spans
-from sglang_tokendance.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-BOOT = (
-    "from sglang_tokendance.openai_compat import install_hooks; install_hooks(); import runpy; "
-    "runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)"
-)
 
 
 @pytest.fixture(scope="module")
-def hooked_server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    srv = ServerProcess(tiny_llama, ["--enable-tokendance"], log_path=log)
-    i = srv.argv.index("-m")
-    srv.argv[i : i + 2] = ["-c", BOOT]
-    with srv:
-        yield srv.url
+def hooked_server(
+    request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    return shared_server(request, tiny_llama, tmp_path_factory)
 
 
 def run_example(url: str, route: str, round_id: str) -> str:
-    cmd = [sys.executable, str(ROOT / "examples" / "openai_agents.py"), "--url", url,
-           "--agents", "3", "--route", route, "--round-id", round_id, "--max-tokens", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "openai_agents.py"),
+        "--url",
+        url,
+        "--agents",
+        "3",
+        "--route",
+        route,
+        "--round-id",
+        round_id,
+        "--max-tokens",
+        "4",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
@@ -75,8 +76,12 @@ def test_malformed_kv_hints_are_rejected(hooked_server: str, route: str) -> None
 
 def test_map_chat_spans() -> None:
     contents = ["You are A.\n", "News: X\nNews: Y\nSay:"]
-    segs = [("private", None, "You are A.\n"), ("private", None, "News: "),
-            ("shared", "r0/x", "X\n"), ("private", None, "News: Y\nSay:")]  # fmt: skip
+    segs = [
+        ("private", None, "You are A.\n"),
+        ("private", None, "News: "),
+        ("shared", "r0/x", "X\n"),
+        ("private", None, "News: Y\nSay:"),
+    ]
     _, env = build_request(segs, "r1", 2, "a")
     prompt = "<s>sys\n" + contents[0] + "</s><s>user\n" + contents[1] + "</s><s>assistant\n"
     payload = map_chat_spans(env["actions"][0]["payload"], contents, prompt)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_replay_shared import shared_server
 
 from sglang_tokendance.replay import (
     ReplayOptions,
@@ -21,7 +21,6 @@ from sglang_tokendance.replay import (
     percentiles,
     replay,
 )
-from sglang_tokendance.server import ServerProcess
 from sglang_tokendance.trace import Segment, TraceRequest, generate, read_trace, write_trace
 
 pytestmark = pytest.mark.server
@@ -67,11 +66,10 @@ def trace_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def td_server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    extra = ["--enable-tokendance", "--tokendance-mode", "tokendance"]
-    with ServerProcess(tiny_llama, extra, log_path=log) as srv:
-        yield srv.url
+def td_server(
+    request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    return shared_server(request, tiny_llama, tmp_path_factory)
 
 
 def check_report(rep: dict[str, Any], mode: str, rounds: int = ROUNDS) -> None:
@@ -113,15 +111,28 @@ def test_cli_embedded_server_mode_off(trace_path: Path, tmp_path: Path) -> None:
 
 def test_cli_url_mode_tokendance(td_server: str, trace_path: Path, tmp_path: Path) -> None:
     report = tmp_path / "td.json"
-    run_cli(str(trace_path), "--url", td_server, "--report", str(report), "--save-prompts")
+    args = ["--url", td_server, "--report", str(report), "--save-prompts", "--round-prefix", "ol-"]
+    run_cli(str(trace_path), *args)
     rep = json.loads(report.read_text())
     check_report(rep, "tokendance")
     hints = [p["kv_hints"] for p in rep["prompts"]]
     payloads = [h["actions"][0]["payload"] for h in hints]
-    assert [p["round"] for p in payloads] == ["r1"] * AGENTS + ["r2"] * AGENTS
+    assert [p["round"] for p in payloads] == ["ol-r1"] * AGENTS + ["ol-r2"] * AGENTS
     assert all(p["round_size"] == AGENTS for p in payloads)
-    run_cli(str(trace_path), "--url", td_server, "--mode", "off", "--report", str(report),
-            "--max-rounds", "1", "--concurrency", "2", "--save-prompts")  # fmt: skip
+    run_cli(
+        str(trace_path),
+        "--url",
+        td_server,
+        "--mode",
+        "off",
+        "--report",
+        str(report),
+        "--max-rounds",
+        "1",
+        "--concurrency",
+        "2",
+        "--save-prompts",
+    )
     rep = json.loads(report.read_text())
     check_report(rep, "off", rounds=1)
     assert all(p["kv_hints"] is None for p in rep["prompts"])
@@ -132,9 +143,10 @@ def test_cli_url_mode_tokendance(td_server: str, trace_path: Path, tmp_path: Pat
 def test_closed_loop_feeds_generated_outputs(td_server: str, trace_path: Path) -> None:
     trace = read_trace(trace_path)
     sent: list[SentRequest] = []
-    opts = ReplayOptions(mode="tokendance", closed_loop=True, progress=False)
+    opts = ReplayOptions(mode="tokendance", closed_loop=True, progress=False, round_prefix="cl-")
     result = replay(trace, td_server, opts, on_request=sent.append)
     assert len(sent) == AGENTS * ROUNDS
+    assert [q.error for r in result.rounds for q in r.requests] == [None] * len(sent)
     r1 = {q.agent: q for q in result.rounds[0].requests}
     recorded = {r.agent: r.output for r in trace.requests if r.round == 1}
     for s in sent[AGENTS:]:
@@ -145,12 +157,14 @@ def test_closed_loop_feeds_generated_outputs(td_server: str, trace_path: Path) -
         for g in shared:
             src = g["id"].split("/", 1)[1]
             want = new_output(recorded[src], r1[src].text)
+            assert payload["round"] == "cl-r2"
             assert s.text[g["start"] : g["end"]] == want
             assert r1[src].text.strip() in s.text
             assert recorded[src] not in s.text  # the recorded output is gone
     report = build_report(result, opts, str(trace_path), "ga", AGENTS, include_prompts=True)
     assert report["closed_loop"] is True and len(report["prompts"]) == AGENTS * ROUNDS
-    assert [o["text"] for o in report["outputs"][:AGENTS]] == [r1[s.agent].text for s in sent[:4]]
+    texts = [r1[s.agent].text for s in sent[:AGENTS]]
+    assert [o["text"] for o in report["outputs"][:AGENTS]] == texts
 
 
 def test_closed_loop_substitution_rules() -> None:
@@ -175,3 +189,28 @@ def test_closed_loop_substitution_rules() -> None:
 def test_percentiles() -> None:
     assert percentiles([]) == {"p50": None, "p90": None, "max": None}
     assert percentiles([1.0, 2.0, 3.0, 4.0, 5.0]) == {"p50": 3.0, "p90": 4.6, "max": 5.0}
+
+
+def test_report_fills_in_what_the_server_does_not_say() -> None:
+    from sglang_tokendance.replay import ReplayResult, RequestRecord, RoundRecord
+
+    reqs = [RequestRecord(1, a, "x", 100, 40, 4, 5.0, 9.0) for a in ("a", "b")]
+    result = ReplayResult(
+        [RoundRecord(1, 10.0, reqs)],
+        0.5,
+        {"kv_bytes_per_token": 8, "kv_tokens_peak": 300},
+        {"device": "cpu"},
+        [],
+    )
+    rep = build_report(result, ReplayOptions(mode="off"), "t.jsonl", "w", 2)
+    assert rep["kv_bytes_per_agent"] == 300 * 8 / 2 and rep["dense_kv_bytes_per_agent"] == 104 * 8
+    assert rep["kv_source"] == {
+        "kv_bytes_per_token": "server",
+        "kv_tokens_peak": "server",
+        "kv_bytes_per_agent": "computed",
+        "dense_kv_bytes_per_agent": "computed",
+    }
+    assert rep["prefill_tokens_computed"] == 120 and rep["ttft_ms"]["p50"] == 5.0
+    bare = build_report(result._replace(stats=None), ReplayOptions(), "t.jsonl", "w", 2)
+    assert bare["kv_bytes_per_token"] is None and bare["kv_bytes_per_agent"] is None
+    assert bare["kv_tokens_peak"] is None and bare["dense_kv_bytes_per_agent"] is None

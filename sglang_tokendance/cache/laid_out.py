@@ -62,6 +62,7 @@ def match_laid_out(cache: Any, super_match: Any, params: MatchPrefixParams, lay:
     for node in plan.reused_nodes:  # before allocation can evict anything
         cache.store.pin(node)
     lay.cached_len = c
+    req.tokendance_insert_cap = c  # the private tail goes in at the end (insert_true_prefix)
     lay.row_pos = plan.row_pos
     lay.reused_slots = plan.reused_slots
     lay.reused_nodes = list(plan.reused_nodes)

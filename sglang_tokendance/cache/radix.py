@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+INSERT_CAP_ATTR = "tokendance_insert_cap"
+AGENT_ATTR = "tokendance_agent"
+
 PAGE_SIZE_ERROR = (
     "TokenDance requires --page-size 1 (got {}): masters and mirrors address single KV slots"
 )
@@ -161,6 +164,12 @@ class TokenDanceRadixCache(RadixCache):
     def checkpoint(self, req: Req, *, up_to: int) -> None:
         """Insert only the true-order prefix of a laid-out row (DESIGN invariant)."""
         limit = self._insert_limit(req.kv.req_pool_idx)
+        # A TokenDance request publishes at most its true-order private prefix: a chunked
+        # prefill's intermediate checkpoint must not hand shared-segment slots to the tree
+        # before they become masters or mirrors.
+        cap = getattr(req, INSERT_CAP_ATTR, None)
+        if cap is not None:
+            limit = cap if limit is None else min(limit, cap)
         if limit is not None:
             up_to = max(min(up_to, limit), req.kv.cache_protected_len)
         super().checkpoint(req, up_to=up_to)
@@ -181,10 +190,10 @@ class TokenDanceRadixCache(RadixCache):
         """Unpin the masters the row pinned, forget its claim and clear its layout."""
         row = req.kv.req_pool_idx
         self.release_row(row)
-        lay = laid_out.layout_of(req)
-        if lay is not None:
-            laid_out.release_unadmitted(self, req)
-            self._drop_older_mirrors(lay.agent, lay.round_id)
+        laid_out.release_unadmitted(self, req)
+        who = getattr(req, AGENT_ATTR, None)  # (agent, round) of any TokenDance request
+        if who is not None:
+            self._drop_older_mirrors(*who)
         super().on_release(req, checkpointed=checkpointed)
 
     def _drop_older_mirrors(self, agent: str, round_id: str) -> None:

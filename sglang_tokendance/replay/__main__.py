@@ -2,7 +2,7 @@
 
 ``python -m sglang_tokendance.replay TRACE [--url URL] [--mode tokendance|pic|off]
 [--closed-loop] [--report FILE.json] [--concurrency K] [--model tiny|small|DIR]
-[--max-rounds R] [--server-args "..."] [--save-prompts] [--no-progress]``
+[--max-rounds R] [--round-prefix P] [--server-args "..."] [--save-prompts] [--no-progress]``
 
 Without ``--url`` an embedded CPU server is started (the tiny Llama unless ``--model``, with
 ``--enable-tokendance --tokendance-mode MODE``) and always stopped at the end.
@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="send a round's requests at once even if the trace has arrival_s",
     )
     ap.add_argument(
+        "--round-prefix",
+        default="",
+        metavar="P",
+        help="send round ids P + r<N> (default r<N>); a fresh P replays other texts against a "
+        "server that has already seen these rounds",
+    )
+    ap.add_argument(
         "--save-prompts",
         action="store_true",
         help="include every prompt sent (and its kv_hints) in the report",
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             honor_arrival=not args.ignore_arrival,
             progress=not args.no_progress,
+            round_prefix=args.round_prefix,
         )
     except (TraceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -159,7 +167,8 @@ def compare_main(argv: Sequence[str]) -> int:
             print(f"error: {path}: {e}", file=sys.stderr)
             return 1
         reports.append(rep)
-        names.append(f"{rep.get('mode', '?')} ({Path(path).stem})")
+        mode, stem = str(rep.get("mode", "?")), Path(path).stem
+        names.append(mode if stem == mode else f"{mode} ({stem})")
     first = reports[0]
     print(
         f"{first.get('workload')}: {first.get('agents')} agents, {first.get('rounds')} rounds, "

@@ -7,11 +7,14 @@ Where the numbers come from:
 - KV sizes: ``GET /tokendance/stats`` (read once, after the last round) when the server has it
   (``kv_tokens_peak``, ``kv_bytes_per_agent``, ``dense_kv_bytes_per_agent``,
   ``kv_bytes_per_token``, as the server defines them; the whole answer is kept under
-  ``server_stats``). Otherwise
-  ``kv_bytes_per_token`` is computed from the model's ``config.json`` (readable when the server
-  runs on this machine) and the KV dtype, ``dense_kv_bytes_per_agent`` as the mean over requests
-  of (prompt + completion tokens) x ``kv_bytes_per_token``; what is not known is null.
-  ``kv_source`` says which source each value came from.
+  ``server_stats``). What the server does not report is computed where the inputs are known:
+  ``kv_bytes_per_token`` from the model's ``config.json`` (readable when the server runs on
+  this machine) and the KV dtype; ``dense_kv_bytes_per_agent`` as the mean over the last
+  round's requests of (prompt + completion tokens) x ``kv_bytes_per_token`` (the server's
+  basis: its last round); ``kv_bytes_per_agent`` (e.g. mode off, where the server reports only
+  its peak) as ``kv_tokens_peak`` x ``kv_bytes_per_token`` / the widest round's requests, i.e.
+  the KV the pool held at its peak, per agent. Anything else unknown is null. ``kv_source``
+  says where each value came from ("server", "model_config", "computed" or null).
 """
 
 from __future__ import annotations
@@ -116,11 +119,17 @@ def build_report(
     if per_tok is None:
         per_tok = kv_bytes_per_token_from_config(result.server_info)
         src["kv_bytes_per_token"] = "model_config" if per_tok is not None else None
+    last = [q for q in (result.rounds[-1].requests if result.rounds else []) if q.error is None]
     dense = stats.get("dense_kv_bytes_per_agent")
-    if dense is None and per_tok is not None and ok:
-        mean_tokens = sum(q.prompt_tokens + q.completion_tokens for q in ok) / len(ok)
+    if dense is None and per_tok is not None and last:
+        mean_tokens = sum(q.prompt_tokens + q.completion_tokens for q in last) / len(last)
         dense = round(mean_tokens * per_tok, 1)
         src["dense_kv_bytes_per_agent"] = "computed"
+    per_agent = stats.get("kv_bytes_per_agent")
+    peak = stats.get("kv_tokens_peak")
+    if per_agent is None and peak is not None and per_tok is not None and result.rounds:
+        per_agent = round(peak * per_tok / max(len(r.requests) for r in result.rounds), 1)
+        src["kv_bytes_per_agent"] = "computed"
     prompt_tokens = sum(q.prompt_tokens for q in ok)
     computed = sum(q.prompt_tokens - q.cached_tokens for q in ok)
     report: dict[str, Any] = {
@@ -132,13 +141,14 @@ def build_report(
         "rounds": len(result.rounds),
         "requests": len(reqs),
         "concurrency": opts.concurrency,
+        "round_prefix": opts.round_prefix,
         "prompt_tokens": prompt_tokens,
         "cached_tokens": sum(q.cached_tokens for q in ok),
         "completion_tokens": sum(q.completion_tokens for q in ok),
         "prefill_tokens_computed": computed,
         "kv_tokens_peak": stats.get("kv_tokens_peak"),
         "kv_bytes_per_token": per_tok,
-        "kv_bytes_per_agent": stats.get("kv_bytes_per_agent"),
+        "kv_bytes_per_agent": per_agent,
         "dense_kv_bytes_per_agent": dense,
         "kv_source": src,
         "round_latency_ms": percentiles([r.latency_ms for r in result.rounds]),

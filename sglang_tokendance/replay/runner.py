@@ -4,7 +4,9 @@ Each round's requests go out concurrently (at most ``concurrency`` in flight; de
 them, after each request's ``arrival_s`` if the trace has one), the round is awaited, then the
 next one starts. In mode ``tokendance`` and ``pic`` every request carries the TokenDance hint
 (``kv_hints``, round id ``r<N>``, round_size = requests in the round, the agent id); in mode
-``off`` plain prompts are sent.
+``off`` plain prompts are sent. The server checks that a round's shared ids keep one text, for
+as long as it remembers the round: replaying again against the same server with other texts
+(closed loop) needs another ``round_prefix`` (round ids ``<prefix>r<N>``).
 
 Closed loop (``closed_loop=True``): before round r+1 is sent, every shared segment whose id is
 ``r<r>/<src>`` (an output of agent ``src`` in round r) is rebuilt from the text ``g`` the server
@@ -64,6 +66,7 @@ class ReplayOptions:
     timeout_s: float = 1800.0
     honor_arrival: bool = True
     progress: bool = True
+    round_prefix: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -153,13 +156,15 @@ def closed_loop_segments(
     return out
 
 
-def build_sent(req: TraceRequest, segments: list[Segment], mode: str, size: int) -> SentRequest:
-    """The prompt text (and hint unless mode is off) of one request."""
+def build_sent(
+    req: TraceRequest, segments: list[Segment], mode: str, size: int, prefix: str = ""
+) -> SentRequest:
+    """The prompt text (and hint unless mode is off; round id ``<prefix>r<N>``) of a request."""
     triples = [(s.type, s.id, s.text) for s in segments]
     if mode == "off":
         text, hints = "".join(t for _, _, t in triples), None
     else:
-        text, hints = build_request(triples, f"r{req.round}", size, req.agent)
+        text, hints = build_request(triples, f"{prefix}r{req.round}", size, req.agent)
     return SentRequest(req.round, req.agent, text, segments, hints, req.max_tokens)
 
 
@@ -216,7 +221,7 @@ async def replay_async(
                 segs = req.segments
                 if opts.closed_loop and generated:
                     segs = closed_loop_segments(req, generated, recorded)
-                sent.append(build_sent(req, segs, opts.mode, len(reqs)))
+                sent.append(build_sent(req, segs, opts.mode, len(reqs), opts.round_prefix))
             for s in sent:
                 if on_request is not None:
                     on_request(s)
