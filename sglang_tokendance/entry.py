@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from sglang_tokendance.hints import (
@@ -32,17 +34,34 @@ from sglang_tokendance.hints import (
 logger = logging.getLogger(__name__)
 
 MAX_TRACKED_ROUNDS = 256
+ROUND_MEMORY_S = 120.0
 
 
 class RoundRegistry:
-    """What the entry has seen of recent rounds: their size and the text of each shared id."""
+    """What the entry has seen of recent rounds: their size and the text of each shared id.
 
-    def __init__(self, capacity: int = MAX_TRACKED_ROUNDS) -> None:
+    A round is forgotten ``ttl_s`` after its last request (or when more than ``capacity`` rounds
+    are tracked), so a round id can be reused by a later run on a long-lived server.
+    """
+
+    def __init__(
+        self,
+        capacity: int = MAX_TRACKED_ROUNDS,
+        ttl_s: float = ROUND_MEMORY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.capacity = capacity
+        self.ttl_s = ttl_s
+        self.clock = clock
         self._rounds: OrderedDict[str, tuple[int, dict[str, str]]] = OrderedDict()
+        self._seen: dict[str, float] = {}
 
     def check(self, hint: AgentHint, text: str) -> None:
         """Raise HintError if ``hint`` contradicts earlier requests of its round."""
+        now = self.clock()
+        for rid in [r for r, t in self._seen.items() if now - t > self.ttl_s]:
+            self._rounds.pop(rid, None)
+            self._seen.pop(rid, None)
         size, texts = self._rounds.get(hint.round, (hint.round_size, {}))
         if size != hint.round_size:
             raise HintError(
@@ -64,8 +83,10 @@ class RoundRegistry:
         texts.update(new)
         self._rounds[hint.round] = (size, texts)
         self._rounds.move_to_end(hint.round)
+        self._seen[hint.round] = now
         while len(self._rounds) > self.capacity:
-            self._rounds.popitem(last=False)
+            old, _ = self._rounds.popitem(last=False)
+            self._seen.pop(old, None)
 
 
 def prepare_request(

@@ -117,7 +117,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    check_sglang_names()
+    from sglang_tokendance.openai_compat import HOOK_TARGETS
+
+    check_sglang_names(HOOKED_NAMES + tuple(HOOK_TARGETS))
     from sglang.srt.mem_cache.registry import (
         get_radix_cache_factory,
         register_radix_cache_backend,
@@ -132,7 +134,7 @@ def register() -> None:
     )
     if get_radix_cache_factory(BACKEND_NAME) is None:
         register_radix_cache_backend(BACKEND_NAME, _make_tree_cache)
-    from sglang_tokendance import entry, forward_hooks, scheduler, stats
+    from sglang_tokendance import entry, forward_hooks, openai_compat, scheduler, stats
     from sglang_tokendance.attention.backend import register_backend
 
     register_backend()
@@ -140,4 +142,5 @@ def register() -> None:
     scheduler.install_hooks()
     forward_hooks.install_hooks()
     stats.install_hooks()
+    openai_compat.install_hooks()
     _registered = True

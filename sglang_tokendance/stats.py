@@ -55,6 +55,13 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         per_round=td.round_report(bpt),
     )
     out["integrity"] = _integrity(scheduler, td)
+    if td.rounds and hasattr(cache, "store"):
+        rid = next(reversed(td.rounds))
+        last_store = cache.stats(bpt, round_id=rid)
+        nodes = {id(m.node): m.node for m in cache.store.mirrors() if m.key.round_id == rid}
+        last_store["round"] = rid
+        last_store["segment_lengths"] = sorted(n.length for n in nodes.values())
+        out["store_last_round"] = last_store
     last = out["per_round"][-1] if out["per_round"] else None
     out["last_round"] = last
     if last is not None:

@@ -92,3 +92,14 @@ def test_registry_refuses_size_mismatch_and_two_texts_under_one_id() -> None:
     text3, env3 = build_request(other, "r1", 2, "cat")
     with pytest.raises(HintError, match="different text"):
         reg.check(parse_payload(find_action(env3), len(text3)), text3)
+
+
+def test_registry_forgets_a_round_after_its_ttl() -> None:
+    now = [0.0]
+    reg = RoundRegistry(ttl_s=10.0, clock=lambda: now[0])
+    text, env = build_request(SEGS, "r1", 2, "ann")
+    reg.check(parse_payload(find_action(env), len(text)), text)
+    other = [SEGS[0], ("shared", "r0/bob", "Bob: bye."), SEGS[2]]
+    text3, env3 = build_request(other, "r1", 2, "cat")
+    now[0] = 11.0  # a later run reuses the round id with new text
+    reg.check(parse_payload(find_action(env3), len(text3)), text3)
