@@ -64,6 +64,7 @@ def build_command(model_path: str | Path, port: int, extra: list[str] | None = N
 def server_env() -> dict[str, str]:
     env = dict(os.environ)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env.pop("TRITON_INTERPRET", None)  # a test-process setting; the server runs torch code
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton kernels are tested in Triton's interpreter on CPU; this must precede any triton import
+# (SGLang imports triton). Servers started by the tests do not inherit it (server_env drops it).
+os.environ["TRITON_INTERPRET"] = "1"
+# SGLang reads its CPU switch at import time; every test process is a CPU process.
+os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+
 from collections.abc import Callable, Iterator
 from pathlib import Path
 

@@ -1,9 +1,8 @@
 """Triton kernels vs the torch reference, in Triton's interpreter (CPU).
 
 TRITON_INTERPRET must be set before triton is first imported: ``@triton.jit`` picks interpreted
-or compiled mode at decoration time, triton's own standard library included. When something
-(SGLang, in a combined pytest run) imported triton earlier, the kernel tests are skipped here
-and run once in a fresh interpreter instead (``test_triton_kernels_in_fresh_process``).
+or compiled mode at decoration time, triton's own standard library included. tests/conftest.py
+sets it first thing, so every test process runs the kernels in the interpreter.
 bf16 is left to the GPU check: the interpreter's bf16 ``tl.dot`` is broken (garbage results
 even for a bare 16x16 product), fp32 and fp16 are exact enough here.
 """
@@ -11,8 +10,6 @@ even for a bare 16x16 product), fp32 and fp16 are exact enough here.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -31,24 +28,11 @@ from sglang_tokendance.attention.triton_ops import (  # noqa: E402
 )
 
 INTERPRETED = type(tl.sum).__name__ == "InterpretedFunction"
-_CHILD_ENV = "TOKENDANCE_TRITON_TEST_CHILD"
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="triton was imported before TRITON_INTERPRET was set: see below"
-)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the kernel tests run in this process")
-def test_triton_kernels_in_fresh_process() -> None:
-    assert os.environ.get(_CHILD_ENV) != "1", "TRITON_INTERPRET had no effect in a fresh process"
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_ENV: "1"})
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+def test_kernels_run_in_the_interpreter() -> None:
+    """conftest.py sets TRITON_INTERPRET=1 before anything imports triton."""
+    assert INTERPRETED
 
 
 NUM_SLOTS, ROWS, CTX = 160, 5, 48
@@ -153,7 +137,6 @@ def _tol(dtype: torch.dtype) -> dict:
     return dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
 
 
-@needs_interpreter
 @pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,rotary_dim,neox", CASES)
 def test_triton_extend_matches_reference(dtype, heads, kv_heads, head_dim, rotary_dim, neox):
     c = _case(dtype, heads, kv_heads, head_dim, seed=heads * head_dim)
@@ -163,7 +146,6 @@ def test_triton_extend_matches_reference(dtype, heads, kv_heads, head_dim, rotar
     torch.testing.assert_close(got.float(), want.float(), **_tol(dtype))
 
 
-@needs_interpreter
 @pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,rotary_dim,neox", CASES)
 def test_triton_decode_matches_reference(dtype, heads, kv_heads, head_dim, rotary_dim, neox):
     c = _case(dtype, heads, kv_heads, head_dim, seed=1 + heads * head_dim)
@@ -178,7 +160,6 @@ def test_triton_decode_matches_reference(dtype, heads, kv_heads, head_dim, rotar
         torch.testing.assert_close(got.float(), want.float(), **_tol(dtype))
 
 
-@needs_interpreter
 def test_triton_rotation_compiled_out_matches_unrotated_reference():
     c = _case(torch.float32, 4, 2, 16, seed=3)
     rope = RopeParams.default(10000.0, 16)
@@ -192,7 +173,6 @@ def test_triton_rotation_compiled_out_matches_unrotated_reference():
     )
 
 
-@needs_interpreter
 def test_triton_zero_deltas_equal_no_rotation():
     c = _case(torch.float32, 4, 2, 16, seed=4, max_delta=0)
     rope = RopeParams.default(10000.0, 16)
@@ -201,7 +181,6 @@ def test_triton_zero_deltas_equal_no_rotation():
     torch.testing.assert_close(rotated, plain, atol=1e-6, rtol=1e-6)
 
 
-@needs_interpreter
 def test_triton_large_deltas_stay_accurate():
     """Deltas of tens of thousands of positions: the in-kernel angle reduction holds up."""
     c = _case(torch.float32, 4, 2, 16, seed=5, max_delta=60000)
