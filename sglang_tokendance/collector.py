@@ -73,9 +73,10 @@ class Counters:
 def select_recompute(length: int, ratio: float, selection: str) -> torch.Tensor:
     """Segment-local indices recomputed for every agent (collective selection).
 
-    Only "leading" selection runs here (the first ``ceil(ratio * length)`` tokens): "deviation"
-    and "hybrid" need a check-layer pass and fall back to leading for now (logged once).
+    "leading" (the only policy so far): the first ``ceil(ratio * length)`` tokens.
     """
+    if selection != "leading":
+        raise ValueError(f"unknown recompute selection {selection!r}")
     k = min(length, math.ceil(ratio * length))
     return torch.arange(k, dtype=torch.int64)
 
@@ -88,8 +89,6 @@ class Collector:
         self.cache = tree_cache
         self.rounds: dict[str, RoundState] = {}
         self.counters = Counters()
-        if cfg.selection != "leading":
-            logger.warning("selection %r not implemented yet: using leading tokens", cfg.selection)
 
     # ---- hints -> layouts ---------------------------------------------------------------
     def parse(self, req: Any) -> RowLayout | None:
@@ -209,9 +208,7 @@ class Collector:
                     freed += self._release_waiting(state)
         return freed
 
-    def _promote(
-        self, req: Any, authored: list[SharedUse], row_pos: torch.Tensor | None
-    ) -> None:
+    def _promote(self, req: Any, authored: list[SharedUse], row_pos: torch.Tensor | None) -> None:
         row = req.kv.req_pool_idx
         if row is None:
             return

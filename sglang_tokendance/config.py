@@ -8,8 +8,10 @@ from typing import Any, Literal
 
 Mode = Literal["tokendance", "pic", "off"]
 MODES: tuple[str, ...] = ("tokendance", "pic", "off")
-SELECTIONS: tuple[str, ...] = ("leading", "deviation", "hybrid")
-MASTER_POLICIES: tuple[str, ...] = ("fresh", "author")
+# Implemented so far; CacheBlend-style "deviation" and the author's decode-time KV as master
+# ("author") are planned and refused until they exist.
+SELECTIONS: tuple[str, ...] = ("leading",)
+MASTER_POLICIES: tuple[str, ...] = ("fresh",)
 DEFAULT_SEPARATOR = "<|td|>"
 
 
@@ -117,21 +119,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--tokendance-selection",
         choices=SELECTIONS,
         default=d.selection,
-        help="How the recompute set is chosen: leading tokens of each segment (EPIC-style), "
-        "KV deviation at the check layer (CacheBlend-style), or both.",
+        help="How the recompute set is chosen: the leading ceil(ratio * L) tokens of each shared "
+        "segment (EPIC-style), the same indices for every agent of the round.",
     )
     g.add_argument(
         "--tokendance-master-policy",
         choices=MASTER_POLICIES,
         default=d.master_policy,
-        help="Where a shared segment's master KV comes from: computed fresh once per round, or "
-        "the KV its author produced while generating it (when still cached).",
+        help="Where a shared segment's master KV comes from: computed once per round, in the "
+        "context of the first agent holding it (fresh).",
     )
     g.add_argument(
         "--tokendance-check-layer",
         type=int,
         default=d.check_layer,
-        help="Layer at which KV deviation is measured for deviation selection.",
+        help="Layer at which KV deviation will be measured (reserved for deviation selection).",
     )
     g.add_argument(
         "--tokendance-separator",

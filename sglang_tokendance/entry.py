@@ -122,10 +122,15 @@ def prepare_request(
 
     input_ids, hint = tokenize_segments(encode, text, hint)
     obj.input_ids = input_ids
-    others = [a for a in (obj.kv_hints.actions if obj.kv_hints else []) if a.action_type
-              != ACTION_TYPE]
-    action = KvHintAction(action_id="allgather", action_type=ACTION_TYPE,
-                          action_version=ACTION_VERSION, payload=hint.to_payload())
+    others = [
+        a for a in (obj.kv_hints.actions if obj.kv_hints else []) if a.action_type != ACTION_TYPE
+    ]
+    action = KvHintAction(
+        action_id="allgather",
+        action_type=ACTION_TYPE,
+        action_version=ACTION_VERSION,
+        payload=hint.to_payload(),
+    )
     obj.kv_hints = KvHintsEnvelope(
         protocol_version=obj.kv_hints.protocol_version if obj.kv_hints else "1",
         message_id=obj.kv_hints.message_id if obj.kv_hints else (obj.rid or "td"),

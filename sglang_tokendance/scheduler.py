@@ -52,9 +52,15 @@ class TokenDanceScheduler:
             tc = sched.tree_cache
             logger.warning(
                 "ACCT mode=%s reqs=%s avail=%d evict=%d prot=%d (radix %d/%d store %d borrowed %d)",
-                batch.forward_mode, [r.rid[:4] for r in batch.reqs], alloc.available_size(),
-                tc.evictable_size(), tc.protected_size(), tc.evictable_size_, tc.protected_size_,
-                tc.store.protected_tokens, tc.borrowed_tokens,
+                batch.forward_mode,
+                [r.rid[:4] for r in batch.reqs],
+                alloc.available_size(),
+                tc.evictable_size(),
+                tc.protected_size(),
+                tc.evictable_size_,
+                tc.protected_size_,
+                tc.store.protected_tokens,
+                tc.borrowed_tokens,
             )
         self.peak_used_tokens = max(self.peak_used_tokens, used)
         seen: set[str] = set()

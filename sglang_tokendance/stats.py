@@ -71,7 +71,7 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
 
 
 def _integrity(scheduler: Any, td: Any) -> str:
-    """"ok", "busy" (requests in flight: not checked), or the broken invariant."""
+    """ "ok", "busy" (requests in flight: not checked), or the broken invariant."""
     running = scheduler.running_batch
     if (running is not None and not running.is_empty()) or scheduler.waiting_queue:
         return "busy"

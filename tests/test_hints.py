@@ -15,7 +15,11 @@ from sglang_tokendance.hints import (
     tokenize_segments,
 )
 
-SEGS = [("private", None, "You are Ann. "), ("shared", "r0/bob", "Bob: hi."), ("private", None, " Reply:")]
+SEGS = [
+    ("private", None, "You are Ann. "),
+    ("shared", "r0/bob", "Bob: hi."),
+    ("private", None, " Reply:"),
+]
 
 
 def test_build_request_round_trips_through_the_parser() -> None:

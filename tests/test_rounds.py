@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import requests
-
-from test_replay_shared import shared_server
 from roundclient import generate, round_bodies, run_round, run_trace, segments_of, stats
+from test_replay_shared import shared_server
+
 from sglang_tokendance.hints import build_request
 from sglang_tokendance.server import ServerProcess
 from sglang_tokendance.trace import generative_agents
@@ -32,8 +32,13 @@ def servers(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, request)
     specs = {
         "off": ["--enable-tokendance", "--tokendance-mode", "off"],
         "td_full": ["--enable-tokendance", "--tokendance-recompute-ratio", "1.0"],
-        "pic_full": ["--enable-tokendance", "--tokendance-mode", "pic",
-                     "--tokendance-recompute-ratio", "1.0"],
+        "pic_full": [
+            "--enable-tokendance",
+            "--tokendance-mode",
+            "pic",
+            "--tokendance-recompute-ratio",
+            "1.0",
+        ],
     }
     started: dict[str, ServerProcess] = {}
     try:
@@ -87,9 +92,9 @@ def test_one_master_per_segment_and_sparse_mirrors(servers) -> None:
     round_store = s["store_last_round"]
     assert round_store["mirrors"] == 15 * 16
     master_tokens = round_store["master_tokens"]
-    expected_mirror = sum(
-        math.ceil(0.15 * node_len) for node_len in round_store["segment_lengths"]
-    ) * 15
+    expected_mirror = (
+        sum(math.ceil(0.15 * node_len) for node_len in round_store["segment_lengths"]) * 15
+    )
     assert round_store["mirror_tokens"] == expected_mirror
     assert master_tokens == sum(round_store["segment_lengths"])
     # prefill computed is far below mode off's (every prompt in full)
@@ -171,8 +176,10 @@ def test_round_size_mismatch_is_refused(servers) -> None:
     t1, e1 = build_request(segments_of(r1), "mm", 5, r1.agent)
     box: dict[str, requests.Response] = {}
     th = threading.Thread(
-        target=lambda: box.setdefault("a", generate(url, {"text": t0, "kv_hints": e0,
-                                                          "sampling_params": {"max_new_tokens": 1}}))
+        target=lambda: box.setdefault(
+            "a",
+            generate(url, {"text": t0, "kv_hints": e0, "sampling_params": {"max_new_tokens": 1}}),
+        )
     )
     th.start()
     time.sleep(0.2)

@@ -171,12 +171,8 @@ def ga_documents(repeats: int = GA_REPEATS, block_lines: int = GA_BLOCK_LINES) -
     Every copy of a block has the same name, so all copies land in the same split.
     """
     lines = corpus_text().splitlines()
-    blocks = [
-        "\n".join(lines[i : i + block_lines]) for i in range(0, len(lines), block_lines)
-    ]
-    return [
-        Document(f"ga:{i}", block) for _ in range(repeats) for i, block in enumerate(blocks)
-    ]
+    blocks = ["\n".join(lines[i : i + block_lines]) for i in range(0, len(lines), block_lines)]
+    return [Document(f"ga:{i}", block) for _ in range(repeats) for i, block in enumerate(blocks)]
 
 
 def split_of(doc: Document, val_percent: int = VAL_PERCENT) -> str:
