@@ -195,3 +195,25 @@ def test_recompute_set_size_matches_ratio() -> None:
     assert select_recompute(40, 0.15, "leading").tolist() == list(range(math.ceil(6.0)))
     assert select_recompute(3, 1.0, "leading").tolist() == [0, 1, 2]
     assert select_recompute(5, 0.0, "leading").numel() == 0
+
+
+def test_permuted_row_gives_the_same_tokens_as_full_prefill(servers) -> None:
+    """Agents with the same private prefix before the shared segment: the reused master KV is
+    exactly what each would compute, so outputs must equal full prefill although the reuse
+    agent's row holds [master slots][fresh prefix, recompute set, suffix] out of true order."""
+    prefix = "Notes of the town council, meeting 7731. Present: Ada, Bo, Cy. " * 3
+    shared = "\nAda: the bridge repairs start on Monday and the market moves to the square."
+    agents = {"ada": " Ada, answer Bo:", "bo": " Bo, answer Ada:"}
+    bodies_td, bodies_off = [], []
+    for agent, suffix in agents.items():
+        segs = [("private", None, prefix), ("shared", "m/ada", shared), ("private", None, suffix)]
+        text, env = build_request(segs, "perm1", 2, agent)
+        sp = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+        bodies_td.append({"text": text, "kv_hints": env, "sampling_params": sp})
+        bodies_off.append({"text": text, "sampling_params": sp})
+    td = run_round(servers["td"].url, bodies_td)
+    off = [generate(servers["off"].url, b).json() for b in bodies_off]
+    assert [r["output_ids"] for r in td] == [r["output_ids"] for r in off]
+    # the reuse agent really read master slots: cached tokens include reused ones
+    reused = [r["meta_info"]["cached_tokens"] for r in td]
+    assert max(reused) > 0

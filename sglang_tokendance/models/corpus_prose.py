@@ -176,7 +176,7 @@ def ga_documents(repeats: int = GA_REPEATS, block_lines: int = GA_BLOCK_LINES) -
 
 
 def split_of(doc: Document, val_percent: int = VAL_PERCENT) -> str:
-    """``"val"`` for about ``val_percent``% of documents (by a hash of the name), else ``"train"``."""
+    """``"val"`` for about ``val_percent``% of documents (by a hash of the name), else train."""
     h = int.from_bytes(hashlib.sha256(doc.name.encode()).digest()[:8], "big")
     return "val" if h % 100 < val_percent else "train"
 
@@ -194,8 +194,14 @@ def load_corpus(
     ensure_python_docs(root, install=install)
     docs = python_doc_documents(root) + ga_documents()
     out: dict[str, list[Document]] = {"train": [], "val": []}
+    seen_val: set[str] = set()
     for d in docs:
-        out[split_of(d, val_percent)].append(d)
+        split = split_of(d, val_percent)
+        if split == "val":  # score each validation document once (GA blocks are repeated)
+            if d.name in seen_val:
+                continue
+            seen_val.add(d.name)
+        out[split].append(d)
     logger.info(
         "corpus: %d train docs (%.1f MB), %d val docs (%.2f MB)",
         len(out["train"]),
