@@ -181,6 +181,13 @@ class Collector:
             return self._master_done(req)
         lay = layout_of(req)
         if lay is not None:
+            if lay.reused_slots is not None:
+                self.counters.reused_tokens += int(lay.reused_slots.numel())
+            self.counters.recompute_tokens += sum(
+                int(u.recompute.numel())
+                for u in lay.shared
+                if u.node is not None and u.recompute is not None
+            )
             # segments that had no master were computed fresh here: they become masters
             fresh = [u for u in lay.shared if u.node is None]
             if fresh:
@@ -255,12 +262,6 @@ class Collector:
             self.cache.attach_mirror(lay.round_id, lay.agent, use.node, use.recompute, slots)
             ranges = _runs(idx)
             self.cache.claim_row_ranges(row, ranges)
-
-    def record_request(self, lay: RowLayout | None, prompt_len: int, prefix_len: int) -> None:
-        self.counters.requests += 1
-        self.counters.prompt_tokens += prompt_len
-        if lay is not None and lay.reused_slots is not None:
-            self.counters.reused_tokens += int(lay.reused_slots.numel())
 
 
 def _runs(idx: torch.Tensor) -> list[tuple[int, int]]:

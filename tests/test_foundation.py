@@ -11,6 +11,8 @@ import psutil
 import pytest
 import requests
 import torch
+from test_replay_shared import _servers as shared_servers
+from test_replay_shared import shared_server
 
 from sglang_tokendance.server import ServerProcess, build_command, server_env
 
@@ -47,22 +49,40 @@ def _sglang_greedy(url: str, prompt: str) -> list[int]:
     return list(r.json()["output_ids"])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_greedy_outputs_match_hf_with_and_without_tokendance(
-    arch: str, request: pytest.FixtureRequest, start_server
+@pytest.fixture(scope="module")
+def llama_stock(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
+    srv = ServerProcess(tiny_llama, log_path=tmp_path_factory.mktemp("stock") / "s.log")
+    with srv:
+        yield srv
+
+
+def test_greedy_outputs_match_hf_llama_with_and_without_tokendance(
+    tiny_llama: Path, llama_stock: ServerProcess, request, tmp_path_factory
 ) -> None:
-    model = request.getfixturevalue(f"tiny_{arch}")
-    expected = [_hf_greedy(model, p) for p in PROMPTS]
+    expected = [_hf_greedy(tiny_llama, p) for p in PROMPTS]
     assert all(len(e) == MAX_NEW for e in expected)
+    td_url = shared_server(request, tiny_llama, tmp_path_factory)
+    for url in (llama_stock.url, td_url):
+        got = [_sglang_greedy(url, p) for p in PROMPTS]
+        assert got == expected, f"{url}: SGLang {got} != HF {expected}"
+
+
+def test_greedy_outputs_match_hf_qwen2_with_and_without_tokendance(
+    tiny_qwen2: Path, start_server
+) -> None:
+    expected = [_hf_greedy(tiny_qwen2, p) for p in PROMPTS]
     for extra in ([], ["--enable-tokendance"]):
-        srv = start_server(model, extra)
+        srv = start_server(tiny_qwen2, extra)
         got = [_sglang_greedy(srv.url, p) for p in PROMPTS]
         assert got == expected, f"flags {extra}: SGLang {got} != HF {expected}"
         srv.stop()
 
 
-def test_tokendance_server_answers_generate_and_completions(tiny_llama: Path, start_server) -> None:
-    srv = start_server(tiny_llama, ["--enable-tokendance", "--tokendance-recompute-ratio", "0.2"])
+def test_tokendance_server_answers_generate_and_completions(
+    tiny_llama: Path, request, tmp_path_factory
+) -> None:
+    shared_server(request, tiny_llama, tmp_path_factory)
+    srv = shared_servers["td"]
     r = requests.post(
         srv.url + "/generate",
         json={"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 4, "temperature": 0}},
@@ -88,15 +108,16 @@ def test_tokendance_server_answers_generate_and_completions(tiny_llama: Path, st
     )
     assert r.status_code == 200, r.text
     log = srv.log()
-    assert "TokenDance is on: mode=tokendance, recompute_ratio=0.2" in log
+    assert "TokenDance is on: mode=tokendance, recompute_ratio=0.15" in log
     assert "impl=TokenDanceRadixCache" in log
 
 
-def test_stock_server_does_not_mention_tokendance(tiny_llama: Path, start_server) -> None:
-    srv = start_server(tiny_llama)
-    log = srv.log()
+def test_stock_server_does_not_mention_tokendance(llama_stock: ServerProcess) -> None:
+    log = llama_stock.log()
     assert "TokenDance is on" not in log
     assert "impl=TokenDanceRadixCache" not in log
+    r = requests.get(llama_stock.url + "/tokendance/stats", timeout=30)
+    assert r.status_code == 404
 
 
 @pytest.mark.parametrize(
