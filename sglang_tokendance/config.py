@@ -27,6 +27,7 @@ class TokenDanceConfig:
     master_policy: str = "fresh"
     check_layer: int = 1
     separator: str = DEFAULT_SEPARATOR
+    uniform_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -141,6 +142,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Separator string that splits plain-text prompts into segments for clients that "
         "cannot send structured hints. Default %(default)r.",
     )
+    _add_uniform(g)
+
+
+def _add_uniform(g: Any) -> None:
+    g.add_argument(
+        "--tokendance-uniform-attention",
+        action="store_true",
+        help="Run every request (hinted or not) through the position-aware attention path, so "
+        "benchmarks compare modes on one code path. Off: plain rows use torch_native's code.",
+    )
 
 
 def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
@@ -154,4 +165,5 @@ def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
         master_policy=getattr(ns, "tokendance_master_policy", "fresh"),
         check_layer=int(getattr(ns, "tokendance_check_layer", 1)),
         separator=getattr(ns, "tokendance_separator", DEFAULT_SEPARATOR),
+        uniform_attention=bool(getattr(ns, "tokendance_uniform_attention", False)),
     )

@@ -58,6 +58,13 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
         # row's key plan, keyed by the ForwardBatch object they were computed for.
         self._rows_for: tuple[Any, list[int] | None] = (None, None)
         self._plans: dict[int, RowKeys] = {}
+        # --tokendance-uniform-attention: every row takes the position-aware path, so a
+        # benchmark compares modes on one attention code path (off by default: plain rows keep
+        # torch_native's code and bit-identical outputs).
+        from sglang_tokendance.plugin import get_config
+
+        server_args = getattr(model_runner, "server_args", None)
+        self.uniform = bool(server_args is not None and get_config(server_args).uniform_attention)
 
     @property
     def rope(self) -> RopeParams:
@@ -87,7 +94,7 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
 
     def _layout_rows(self, forward_batch: ForwardBatch) -> list[int] | None:
         """The batch's rows if any of them has a layout, else None (the fast path)."""
-        if not self.table.laid_out_rows:
+        if not self.table.laid_out_rows and not self.uniform:
             return None
         fb, rows = self._rows_for
         if fb is not forward_batch:
@@ -95,7 +102,7 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
             if idx is None:
                 idx = forward_batch.req_pool_indices
             rows = [int(r) for r in idx.tolist()]
-            if self.table.laid_out_rows.isdisjoint(rows):
+            if not self.uniform and self.table.laid_out_rows.isdisjoint(rows):
                 rows = None
             self._rows_for = (forward_batch, rows)
             self._plans = {}
@@ -174,7 +181,7 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
         for i, row in enumerate(rows):
             s, e = seq_lens[i], ext_lens[i]
             end = start + e
-            if self.table.has_layout(row):
+            if self.uniform or self.table.has_layout(row):
                 o_[start:end] = attend_sdpa(
                     q_[start:end],
                     k_cache,
@@ -230,7 +237,7 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
         window = self._window(layer)
         for i, row in enumerate(rows):
             s = seq_lens[i]
-            if self.table.has_layout(row):
+            if self.uniform or self.table.has_layout(row):
                 # The row's positions are a permutation of 0..s-1 (checked by set_layout) and
                 # the query sits at s-1: every key is visible, no mask unless a window.
                 qpos = fb.positions[i : i + 1].long() if window is not None else None

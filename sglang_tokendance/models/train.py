@@ -81,10 +81,10 @@ class TrainConfig:
     threads: int = 1
     steps: int | None = None
     budget_min: float = 20.0
-    eval_reserve_s: float = 150.0
-    timing_steps: int = 12
+    eval_reserve_s: float = 120.0
+    timing_steps: int = 40
     val_every: int = 50
-    repeat_frac: float = 0.0
+    repeat_frac: float = 0.2
 
 
 def trained_dir() -> Path:
@@ -240,7 +240,7 @@ def sample_batch(stream: np.ndarray, cfg: TrainConfig, rng: np.random.Generator)
 
     With ``cfg.repeat_frac > 0``, that share of rows (on average) ends by repeating its own last
     ``L`` tokens (``L`` uniform in 16..seq_len/2), as text that quotes itself does: extra
-    examples of copying from context for a short training run. Default 0: plain windows.
+    examples of copying from context for a short training run (see the model card).
     """
     n = cfg.seq_len + 1
     starts = rng.integers(0, len(stream) - n, size=cfg.batch_size)
@@ -265,7 +265,9 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def train(cfg: TrainConfig, out_dir: Path = TRAINED_DIR, install: bool = True) -> Path:
+def train(
+    cfg: TrainConfig, out_dir: Path = TRAINED_DIR, install: bool = True
+) -> tuple[Path, dict[str, np.ndarray]]:
     """Train the model and save it (fp16 safetensors + tokenizer) into ``out_dir``.
 
     The run is deterministic for a given number of steps (seeded, one thread). With
@@ -274,7 +276,7 @@ def train(cfg: TrainConfig, out_dir: Path = TRAINED_DIR, install: bool = True) -
     stop at the budget guards against a slower machine. The step count used is recorded.
 
     Returns:
-        ``out_dir``.
+        ``out_dir`` and the encoded corpus (``{"train": ids, "val": ids}``) for :func:`evaluate`.
     """
     t0 = time.monotonic()
     budget_s = cfg.budget_min * 60.0
@@ -412,7 +414,7 @@ def train(cfg: TrainConfig, out_dir: Path = TRAINED_DIR, install: bool = True) -
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     logger.info("saved trained model to %s (%.1f min)", out_dir, (time.monotonic() - t0) / 60)
-    return out_dir
+    return out_dir, streams
 
 
 def plot_curve(curve_json: Path, png: Path) -> None:
@@ -529,10 +531,19 @@ def greedy_samples(
     return out
 
 
-def evaluate(model_dir: Path | None = None, install: bool = True) -> dict[str, Any]:
+def evaluate(
+    model_dir: Path | None = None,
+    install: bool = True,
+    streams: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Measure the saved (fp16) model: val perplexity vs unigram, induction, greedy samples.
 
     Writes ``eval.json`` and the model card ``README.md`` into the model directory.
+
+    Args:
+        model_dir: the model (default: the committed trained model).
+        install: allow installing the Python docs (the corpus) with apt-get.
+        streams: the corpus already encoded with this model's tokenizer (default: encode it).
     """
     import torch
 
@@ -540,7 +551,8 @@ def evaluate(model_dir: Path | None = None, install: bool = True) -> dict[str, A
     d = model_dir or trained_model_dir()
     t0 = time.monotonic()
     model, tok = load_model(d)
-    streams = load_streams(tok, install=install)
+    if streams is None:
+        streams = load_streams(tok, install=install)
     seq_len = 256
     val_loss = windows_loss(model, streams["val"], seq_len)
     n = (len(streams["val"]) - 1) // seq_len
@@ -556,6 +568,7 @@ def evaluate(model_dir: Path | None = None, install: bool = True) -> dict[str, A
         "unigram_loss": uni,
         "unigram_ppl": math.exp(uni),
         "induction": induction_check(model),
+        "attention_sink": attention_sink_check(model, streams["val"], seq_len),
         "greedy": greedy_samples(model, tok),
         "eval_s": 0.0,
     }
@@ -581,35 +594,72 @@ def write_card(d: Path, ev: dict[str, Any]) -> None:
     cfg = info.get("config", asdict(TrainConfig()))
     size_mb = (d / "model.safetensors").stat().st_size / 1e6
     ind = ev["induction"]
+    copies = ind["ratio"] < 0.5
+    summary = (
+        f"validation perplexity {ev['val_ppl']:.1f} against {ev['unigram_ppl']:.1f} for token "
+        f"frequencies alone, and on a repeated random sequence its loss falls from "
+        f"{ind['first_copy_loss']:.2f} to {ind['second_copy_loss']:.2f} nats on the second copy"
+    )
+    verdict = (
+        "It has learned to use its context: it predicts prose and copies repeated spans"
+        if copies
+        else "WARNING: the induction check does not pass (second copy not below half the first)"
+    )
     samples = "\n".join(
         f"- `{json.dumps(s['prompt'])[1:-1]}` → `{json.dumps(s['completion'])[1:-1]}`"
         for s in ev["greedy"]
     )
+    sink = ev.get("attention_sink")
+    sink_md = ""
+    if sink:
+        rows = "\n".join(
+            f"| {i} | {a:.3f} | {m:.3f} | {sink['uniform']:.3f} |"
+            for i, (a, m) in enumerate(
+                zip(
+                    sink["first_token_attention"],
+                    sink["first_token_attention_max_head"],
+                    strict=True,
+                )
+            )
+        )
+        sink_md = f"""
+Attention sink: attention weight on each window's first token, averaged over query positions
+{sink["from_pos"]}..{sink["seq_len"] - 1} of {sink["windows"]} validation windows (all heads, and
+the head that attends to it most), against what uniform attention would give.
+
+| layer | mean over heads | top head | uniform |
+|---|---|---|---|
+{rows}
+"""
+    steps = info.get("steps", "?")
     card = f"""# tokendance-trained-llama (≈{info.get("params", 0) / 1e6:.1f}M parameters)
 
 A small **trained** Llama-architecture model for sglang-tokendance's fidelity measurements.
 Random-weight models (`build tiny|small`) output noise whatever the context, so they cannot show
-whether reused KV changes an answer; this one has learned to use its context: it predicts
-English prose far better than token frequencies do, and it copies repeated spans (induction).
-It is not a useful language model for anything else.
+whether reused KV changes an answer. This one has {summary}. {verdict}. It is not a useful
+language model for anything else.
 
 Directory: `python -m sglang_tokendance.models build trained` prints it. The weights are
-committed (fp16 safetensors, {size_mb:.1f} MB) so tests and CI never train.
+committed (fp16 safetensors, {size_mb:.1f} MB), so tests and CI never train.
 
 ## Architecture
 
-`LlamaForCausalLM`: {cfg["layers"]} layers, hidden {cfg["hidden"]}, {cfg["heads"]} attention
-heads / {cfg["kv_heads"]} KV heads (GQA, head dim {cfg["hidden"] // cfg["heads"]}), SwiGLU MLP
-{cfg["intermediate"]}, RMSNorm, RoPE (theta {cfg["rope_theta"]:g}), untied embeddings, vocabulary
-{ev.get("vocab", "4096")} (the project's byte-level BPE with its special tokens and ChatML chat
-template, trained on this corpus's train split). Stored in fp16; load it in float32
-(`ServerProcess(dir, ["--dtype", "float32"])`, the CPU default).
+- `LlamaForCausalLM`, {cfg["layers"]} layers, hidden {cfg["hidden"]}
+- {cfg["heads"]} attention heads / {cfg["kv_heads"]} KV heads (GQA), head dim
+  {cfg["hidden"] // cfg["heads"]}
+- SwiGLU MLP {cfg["intermediate"]}, RMSNorm, RoPE (theta {cfg["rope_theta"]:g}), untied
+  embeddings
+- vocabulary {ev.get("vocab", cfg["vocab_size"])}: the project's byte-level BPE (same special
+  tokens and ChatML chat template as the `tiny`/`small` models), trained on this corpus's train
+  split
+- stored in fp16; load it in float32 (`ServerProcess(dir, ["--dtype", "float32"])`, the CPU
+  default)
 
 `max_position_embeddings` is **{cfg["max_positions"]}** although training used
 {cfg["seq_len"]}-token windows: SGLang caps a request's context at this value, and the project's
 Generative Agents prompts and multi-round traces run to a few thousand tokens, which must be
-accepted. RoPE has no learned position table, so positions past {cfg["seq_len"]} cost nothing to
-allow; quality degrades there (positions never seen in training), but the model stays
+accepted. RoPE has no learned position table, so allowing positions past {cfg["seq_len"]} costs
+nothing; quality degrades there (positions never seen in training), but the model stays
 deterministic and context-dependent, which is what fidelity comparisons need (the same prompt
 with and without KV reuse must give the same output).
 
@@ -621,46 +671,54 @@ with and without KV reuse must give the same output).
 - The project's Generative Agents text (`models/corpus/generative_agents.txt`, Apache-2.0),
   cut into 12-line blocks and repeated 4 times so agent-style prompts are in-domain.
 - Split by a hash of each document's name: ~98% train / ~2% validation (whole pages).
-  Train {info.get("train_tokens", 0):,} tokens, validation {info.get("val_tokens", 0):,} tokens.
+- Train {info.get("train_tokens", 0):,} tokens, validation {info.get("val_tokens", 0):,} tokens.
 
 ## Training
 
-Seed {cfg["seed"]}, one CPU thread (`torch.set_num_threads({cfg["threads"]})`), batch
-{cfg["batch_size"]} × {cfg["seq_len"]} tokens at random offsets, AdamW (betas {cfg["betas"]},
-weight decay {cfg["weight_decay"]} on matrices), lr {cfg["lr"]:g} with {cfg["warmup_steps"]}
-warm-up steps then cosine decay to {cfg["min_lr_ratio"]:g}×, gradient clip {cfg["grad_clip"]}.
-{info.get("steps", "?")} steps ({info.get("tokens_seen", 0) / 1e6:.2f}M tokens) in
-{info.get("train_loop_s", 0) / 60:.1f} min of training, {info.get("wall_s", 0) / 60:.1f} min for
-the whole command; final train loss (mean of the last 50 steps)
-{info.get("final_train_loss_avg50", float("nan")):.3f}. Loss curve: `loss_curve.png`
-(`loss_curve.json`).
+- seed {cfg["seed"]}, one CPU thread (`torch.set_num_threads({cfg["threads"]})`)
+- batch {cfg["batch_size"]} × {cfg["seq_len"]} tokens at random offsets of the train stream
+  (documents joined with EOS)
+- copying practice: {cfg.get("repeat_frac", 0.0):.0%} of rows end by repeating their own last
+  16–{cfg["seq_len"] // 2} tokens (as text that quotes itself does). A 20-minute CPU run sees
+  too few tokens for induction heads to form from prose alone (a 296-step run without it had
+  second-copy loss ≈ first-copy loss); the check below uses random tokens, never trained on
+- AdamW (betas {tuple(cfg["betas"])}, weight decay {cfg["weight_decay"]} on matrices), lr
+  {cfg["lr"]:g}, {cfg["warmup_steps"]} warm-up steps, cosine decay to {cfg["min_lr_ratio"]:g}×,
+  gradient clip {cfg["grad_clip"]}
+- {steps} steps ({info.get("tokens_seen", 0) / 1e6:.2f}M tokens) in
+  {info.get("train_loop_s", 0) / 60:.1f} min of training, {info.get("wall_s", 0) / 60:.1f} min
+  for training + final validation (the default budget, `--budget-min {cfg["budget_min"]:g}`,
+  fixes the step count after {cfg["timing_steps"]} timed steps)
+- final train loss (mean of the last 50 steps) {info.get("final_train_loss_avg50", 0):.3f};
+  loss curve in `loss_curve.png` / `loss_curve.json`
 
-Rebuild (deterministic for a fixed step count on the same torch build):
-`{info.get("rebuild", "python -m sglang_tokendance.models train")}`.
+Rebuild: `{info.get("rebuild", "python -m sglang_tokendance.models train")}` (deterministic for
+a fixed step count on the same torch build and CPU; ~20 min on one free core).
 
 ## Evaluation
 
-Measured on the committed fp16 weights (loaded in float32) with
-`python -m sglang_tokendance.models.train evaluate` (writes `eval.json` and this card).
+Measured on the committed fp16 weights (loaded in float32) by
+`python -m sglang_tokendance.models.train evaluate`, which writes `eval.json` and this card.
 
 | metric | value |
 |---|---|
 | validation loss (nats/token) | {ev["val_loss"]:.3f} |
 | **validation perplexity** | **{ev["val_ppl"]:.1f}** |
 | unigram baseline perplexity (train token frequencies, add-one) | {ev["unigram_ppl"]:.1f} |
-| validation tokens scored | {ev["val_tokens_scored"]:,} |
+| validation tokens scored (non-overlapping {cfg["seq_len"]}-token windows) | \
+{ev["val_tokens_scored"]:,} |
 
 Induction check: {ind["trials"]} random sequences of {ind["length"]} tokens (uniform over
-non-byte, non-special ids), each repeated twice; mean next-token loss per copy (first token of
-each copy excluded). Uniform guessing costs {ind["uniform_loss"]:.2f} nats.
+non-byte, non-special ids), each repeated twice; mean next-token loss on each copy (the first
+token of each copy excluded). Uniform guessing costs {ind["uniform_loss"]:.2f} nats.
 
 | | loss (nats) |
 |---|---|
 | first copy | {ind["first_copy_loss"]:.3f} |
 | second copy | {ind["second_copy_loss"]:.3f} |
 | ratio second / first | {ind["ratio"]:.3f} |
-
-Greedy continuations (40 new tokens, HF `generate`):
+{sink_md}
+Greedy continuations (40 new tokens, HF `generate`, no BOS):
 
 {samples}
 
@@ -671,6 +729,38 @@ Greedy continuations (40 new tokens, HF `generate`):
 `train_info.json`, `eval.json`, `loss_curve.json`, `loss_curve.png`, this card.
 """
     (d / CARD).write_text(card)
+
+
+def attention_sink_check(
+    model: Any, stream: np.ndarray, seq_len: int = 256, windows: int = 8, from_pos: int = 32
+) -> dict[str, Any]:
+    """Mean attention on each window's first token, per layer (eager attention, no grad).
+
+    Averaged over heads and query positions ``from_pos .. seq_len-1`` of the first ``windows``
+    non-overlapping windows of ``stream``; ``uniform`` is what uniform causal attention gives.
+    """
+    import torch
+
+    rows = [stream[i * seq_len : (i + 1) * seq_len] for i in range(windows)]
+    x = torch.from_numpy(np.stack(rows)).long()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attn = model(input_ids=x, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(previous)
+    first = [float(a[:, :, from_pos:, 0].mean()) for a in attn]
+    head_max = [float(a[:, :, from_pos:, 0].mean(dim=(0, 2)).max()) for a in attn]
+    uniform = float(np.mean([1.0 / (q + 1) for q in range(from_pos, seq_len)]))
+    return {
+        "windows": windows,
+        "seq_len": seq_len,
+        "from_pos": from_pos,
+        "first_token_attention": first,
+        "first_token_attention_max_head": head_max,
+        "uniform": uniform,
+    }
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -719,9 +809,9 @@ def run_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         repeat_frac=args.repeat_frac,
     )
-    out = train(cfg, args.out)
+    out, streams = train(cfg, args.out)
     if not args.no_evaluate:
-        evaluate(out)
+        evaluate(out, streams=streams)
     print(out)
     return 0
 
