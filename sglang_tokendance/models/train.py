@@ -84,7 +84,7 @@ class TrainConfig:
     eval_reserve_s: float = 120.0
     timing_steps: int = 40
     val_every: int = 50
-    repeat_frac: float = 0.2
+    repeat_frac: float = 0.3
 
 
 def trained_dir() -> Path:
@@ -238,20 +238,24 @@ def windows_loss(model: Any, stream: np.ndarray, seq_len: int, batch: int = 16) 
 def sample_batch(stream: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
     """A ``(batch, seq_len + 1)`` batch of windows of ``stream`` at random offsets.
 
-    With ``cfg.repeat_frac > 0``, that share of rows (on average) ends by repeating its own last
-    ``L`` tokens (``L`` uniform in 16..seq_len/2), as text that quotes itself does: extra
-    examples of copying from context for a short training run (see the model card).
+    With ``cfg.repeat_frac > 0``, that share of rows (on average) is copying practice: a window
+    of text of ``H`` tokens (``H`` uniform in ``L..seq_len/2``) whose last ``L`` tokens (``L``
+    uniform in 8..64) then repeat until the row is full, as text that quotes itself does
+    (see the model card).
     """
     n = cfg.seq_len + 1
     starts = rng.integers(0, len(stream) - n, size=cfg.batch_size)
     rows = [stream[s : s + n] for s in starts]
     if cfg.repeat_frac > 0:
         repeat = rng.random(cfg.batch_size) < cfg.repeat_frac
-        lengths = rng.integers(16, cfg.seq_len // 2 + 1, size=cfg.batch_size)
+        lengths = rng.integers(8, 65, size=cfg.batch_size)
+        heads = rng.integers(0, 1 << 30, size=cfg.batch_size)
         for i in np.flatnonzero(repeat):
             length = int(lengths[i])
-            head = rows[i][: n - length]
-            rows[i] = np.concatenate([head, head[-length:]])
+            head = rows[i][: length + int(heads[i]) % (n // 2 - length + 1)]
+            seg = head[-length:]
+            reps = (n - len(head)) // length + 1
+            rows[i] = np.concatenate([head, *([seg] * reps)])[:n]
     return np.stack(rows)
 
 
@@ -362,9 +366,17 @@ def train(
             )
         if step % cfg.val_every == 0 or step == total:
             vl = windows_loss(model, val_probe, cfg.seq_len)
+            ind = induction_check(model, length=64, trials=4, seed=1)["ratio"]
             model.train()
-            val_curve.append({"step": step, "val_loss": vl})
-            logger.info("step %d loss %.3f val(probe) %.3f lr %.2e", step, loss_v, vl, lr)
+            val_curve.append({"step": step, "val_loss": vl, "induction_ratio": ind})
+            logger.info(
+                "step %d loss %.3f val(probe) %.3f induction %.3f lr %.2e",
+                step,
+                loss_v,
+                vl,
+                ind,
+                lr,
+            )
         if cfg.steps is None and now - t0 > budget_s - cfg.eval_reserve_s and step < total:
             logger.warning("time budget reached at step %d of %d; stopping", step, total)
             stopped_early = True

@@ -1,0 +1,338 @@
+"""Fidelity of reused KV against full prefill (mode off), per recompute ratio and mode.
+
+For every request of a trace (default: the real GenerativeAgents trace
+``workloads/ga_the_ville_n8.jsonl``, first 3 rounds) the same prompt goes to a mode-off server
+(stock SGLang full prefill with prefix caching: the reference) and to tokendance / pic servers at
+each recompute ratio. Two passes per server, each from a flushed cache with fresh round ids:
+
+- pass A (``max_new_tokens=1``, ``return_logprob``, ``top_logprobs_num=K``,
+  ``logprob_start_len=-1``): the next-token distribution after the prompt. K defaults to the
+  model's vocabulary size, so the distribution is complete and the KL is exact.
+- pass B (``max_new_tokens=--max-new-tokens``, greedy): the generated token ids.
+
+Metrics vs off, per (mode, ratio):
+- ``top1_agreement``: the first output token equals off's;
+- ``kl_first_token``: KL(P_off || P_mode) of the first output token's distribution (nats);
+- ``exact_match``: all greedy output ids equal off's; ``first_divergence``: the index of the
+  first differing output token (over diverged requests); ``matched_prefix_mean``.
+Each metric is given over all requests and over the REUSED ones (requests whose
+``cached_tokens`` exceed off's for the same prompt: they read master KV; the round's master
+agents run a full prefill and are exact by construction). An ``off (repeat)`` row gives the
+noise floor of the reference itself (batching can change float sums). Ratio 1.0 recomputes
+every token of every segment: its exact match must be 1.0 (sanity).
+
+Selection policy of the recompute set: "leading" (the first ceil(ratio x L) tokens of every
+shared segment; the only one built).
+
+    python benchmarks/fidelity.py --out runs/bench/fidelity            # tiny model
+    python benchmarks/fidelity.py --model /path/to/trained --out ...   # any local model dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm
+
+from benchmarks import common
+
+logger = logging.getLogger("benchmarks.fidelity")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACE = ROOT / "workloads" / "ga_the_ville_n8.jsonl"
+SELECTION = "leading"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny", help="tiny | small | model directory")
+    ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE,
+                    help="trace file (default: the real GA trace, 8 agents)")  # fmt: skip
+    ap.add_argument("--max-rounds", type=int, default=3)
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.0, 0.05, 0.15, 0.3, 1.0])
+    ap.add_argument("--modes", nargs="+", default=["tokendance", "pic"],
+                    choices=["tokendance", "pic"])  # fmt: skip
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens (pass B)")
+    ap.add_argument("--top-k", type=int, default=0,
+                    help="top_logprobs_num of pass A (0: the vocabulary size, exact KL)")
+    ap.add_argument("--server-args", default="", help="more launch_server flags")
+    ap.add_argument("--quick", action="store_true",
+                    help="ratios 0.15 1.0, tokendance only, 2 rounds")  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="recorded; runs are greedy")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/fidelity"))
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.ratios = [0.15, 1.0]
+        args.modes = ["tokendance"]
+        args.max_rounds = min(args.max_rounds, 2)
+
+
+def _passes(url: str, trace: Any, rounds: list[int], k: int, g: int) -> dict[tuple, dict]:
+    """Pass A and B on one server: (round, agent) -> first-token logprobs, ids, cache hits."""
+    extra = {"return_logprob": True, "top_logprobs_num": k, "logprob_start_len": -1}
+    common.flush_cache(url)
+    a = common.run_rounds(url, trace, common.run_prefix("fa"), rounds, max_new_tokens=1,
+                          extra=extra, stream=False)  # fmt: skip
+    common.flush_cache(url)
+    b = common.run_rounds(url, trace, common.run_prefix("fb"), rounds, max_new_tokens=g,
+                          stream=False)  # fmt: skip
+    out: dict[tuple, dict] = {}
+    for (_, reps_a), (_, reps_b) in zip(a, b, strict=True):
+        for ra, rb in zip(reps_a, reps_b, strict=True):
+            err = ra.error or rb.error
+            top = {int(t[1]): float(t[0]) for t in (ra.first_top_logprobs or [])}
+            out[(ra.round, ra.agent)] = {
+                "error": err,
+                "top": top,
+                "first": ra.output_ids[0] if ra.output_ids else None,
+                "ids": rb.output_ids,
+                "cached_a": ra.cached_tokens,
+                "cached_b": rb.cached_tokens,
+                "prompt_tokens": ra.prompt_tokens,
+            }
+    return out
+
+
+def kl(p: dict[int, float], q: dict[int, float]) -> tuple[float | None, bool]:
+    """KL(P || Q) in nats from two {token id: logprob} maps; (value, exact).
+
+    Exact when both maps cover the same full support. With truncated top-K maps the sum runs
+    over P's ids, Q's missing ids take Q's smallest listed logprob (a lower bound of the true
+    KL's contribution is not guaranteed: flagged not exact), and P is renormalized.
+    """
+    if not p or not q:
+        return None, False
+    exact = set(p) == set(q)
+    zp = math.log(sum(math.exp(v) for v in p.values()))
+    floor = min(q.values())
+    total = 0.0
+    for tok, lp in p.items():
+        lp_n = lp - zp
+        total += math.exp(lp_n) * (lp_n - q.get(tok, floor))
+    return max(total, 0.0), exact
+
+
+def compare(ref: dict[tuple, dict], other: dict[tuple, dict], g: int) -> dict[str, Any]:
+    """Agreement metrics of ``other`` against ``ref`` (all requests and reused ones)."""
+    rows = []
+    for key, r in ref.items():
+        o = other.get(key)
+        if o is None or r["error"] or o["error"]:
+            rows.append({"key": key, "error": (o or {}).get("error") or r["error"] or "missing"})
+            continue
+        div = next((i for i, (x, y) in enumerate(zip(r["ids"], o["ids"], strict=False))
+                    if x != y), None)  # fmt: skip
+        if div is None and len(r["ids"]) != len(o["ids"]):
+            div = min(len(r["ids"]), len(o["ids"]))
+        value, exact = kl(r["top"], o["top"])
+        rows.append({
+            "key": key,
+            "error": None,
+            "reused": o["cached_a"] > r["cached_a"],
+            "top1": r["first"] == o["first"],
+            "kl": value,
+            "kl_exact": exact,
+            "exact": div is None,
+            "divergence": div,
+            "matched": len(r["ids"]) if div is None else div,
+        })  # fmt: skip
+    return {"all": _agg(rows), "reused": _agg([x for x in rows if x.get("reused")]),
+            "rows": [{**x, "key": list(x["key"])} for x in rows]}  # fmt: skip
+
+
+def _agg(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [x for x in rows if x["error"] is None]
+    if not good:
+        return {"n": 0, "errors": len(rows)}
+    kls = [x["kl"] for x in good if x["kl"] is not None]
+    divs = [x["divergence"] for x in good if x["divergence"] is not None]
+    return {
+        "n": len(good),
+        "errors": len(rows) - len(good),
+        "top1_agreement": round(statistics.fmean(x["top1"] for x in good), 4),
+        "kl_first_token_mean": round(statistics.fmean(kls), 6) if kls else None,
+        "kl_first_token_median": round(statistics.median(kls), 6) if kls else None,
+        "kl_first_token_max": round(max(kls), 6) if kls else None,
+        "kl_exact": all(x["kl_exact"] for x in good),
+        "exact_match": round(statistics.fmean(x["exact"] for x in good), 4),
+        "first_divergence_median": statistics.median(divs) if divs else None,
+        "first_divergence_min": min(divs) if divs else None,
+        "matched_prefix_mean": round(statistics.fmean(x["matched"] for x in good), 3),
+    }
+
+
+def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict[str, Any]:
+    """Reference + every (mode, ratio); returns the result dict."""
+    apply_quick(args)
+    model = common.model_path(args.model)
+    vocab = common.vocab_size(model)
+    k = vocab if args.top_k <= 0 else min(args.top_k, vocab)  # K > vocab crashes SGLang 0.5.23
+    trace = common.load_trace(args.trace)
+    rounds = sorted(trace.rounds())[: args.max_rounds]
+    extra = shlex.split(args.server_args)
+    g = args.max_new_tokens
+    t_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    servers = []
+    with common.pool_or_new(pool, args.out / "logs") as pool:
+        ref_key = pool.key(model, "off", 0.0, extra)
+        keys = [pool.key(model, m, r, extra) for m in args.modes for r in args.ratios]
+        keys = [ref_key] + pool.order(keys)
+        results: dict[str, dict[tuple, dict]] = {}
+        bar = tqdm(total=len(keys) + 1, desc="fidelity", unit="server-run", disable=None)
+        for i, key in enumerate(keys):
+            pool.ensure(keys[i : i + pool.start_parallel])
+            srv = pool.get(key)
+            servers.append(srv.describe())
+            common.warm_up(srv.url)
+            results[key.label()] = _passes(srv.url, trace, rounds, k, g)
+            bar.update(1)
+            if key == ref_key:  # the reference's own noise floor
+                results["off (repeat)"] = _passes(srv.url, trace, rounds, k, g)
+                bar.update(1)
+        bar.close()
+    ref = results["off"]
+    for label, res in results.items():
+        if label == "off":
+            continue
+        mode, _, r = label.partition("@")
+        cmp = compare(ref, res, g)
+        rows.append({"label": label, "mode": mode.split()[0],
+                     "ratio": float(r) if r else None, "all": cmp["all"],
+                     "reused": cmp["reused"], "requests": cmp["rows"]})  # fmt: skip
+    sanity = [x for x in rows if x["ratio"] == 1.0]
+    return {
+        "benchmark": "fidelity",
+        "reference": "mode off (stock SGLang full prefill + prefix caching), same prompts",
+        "selection_policy": SELECTION,
+        "config": {
+            "model": common.model_label(args.model, model),
+            "model_path": str(model),
+            "vocab_size": vocab,
+            "top_logprobs_num": k,
+            "trace": str(args.trace),
+            "rounds": rounds,
+            "requests": sum(len(trace.rounds()[r]) for r in rounds),
+            "ratios": args.ratios,
+            "modes": args.modes,
+            "max_new_tokens": g,
+            "server_args": args.server_args,
+            "quick": args.quick,
+        },
+        "servers": servers,
+        "rows": rows,
+        "sanity_ratio_1_exact_match": {x["label"]: x["all"].get("exact_match") for x in sanity},
+        "sanity_ok": all(x["all"].get("exact_match") == 1.0 for x in sanity) if sanity else None,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "machine": common.machine_info(),
+    }
+
+
+def table_rows(result: dict[str, Any]) -> list[str]:
+    """Markdown table of the fidelity rows (all requests; reused ones in parentheses)."""
+    lines = ["| mode | ratio | top-1 agree | KL first token (mean / max, nats) | exact match | "
+             "first divergence (median) | n (reused) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def f(v: Any, d: int = 3) -> str:
+        return "n/a" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
+
+    for x in result["rows"]:
+        a, u = x["all"], x["reused"]
+        ratio = "-" if x["ratio"] is None else f"{x['ratio']:g}"
+        lines.append(
+            f"| {x['mode']} | {ratio} | {f(a.get('top1_agreement'))} "
+            f"({f(u.get('top1_agreement'))}) | {f(a.get('kl_first_token_mean'), 5)} / "
+            f"{f(a.get('kl_first_token_max'), 5)} | {f(a.get('exact_match'))} "
+            f"({f(u.get('exact_match'))}) | {f(a.get('first_divergence_median'))} | "
+            f"{a.get('n')} ({u.get('n')}) |"
+        )
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    return "\n".join([
+        f"Reference: {result['reference']}. Selection policy: {result['selection_policy']}. "
+        f"Model {cfg['model']}, trace {Path(cfg['trace']).name} rounds {cfg['rounds']} "
+        f"({cfg['requests']} requests), {cfg['max_new_tokens']} greedy tokens, KL over "
+        f"top-{cfg['top_logprobs_num']} of a {cfg['vocab_size']}-token vocabulary. Values over "
+        "all requests, (in parentheses) over requests that reused master KV.",
+        "",
+        *table_rows(result),
+        "",
+        f"Sanity (ratio 1.0 exact match == 1.0): {result['sanity_ok']}",
+    ])  # fmt: skip
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Exact match, top-1 agreement and KL vs ratio, per mode (reused requests)."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = [("exact_match", "greedy exact match"), ("top1_agreement", "first-token top-1"),
+              ("kl_first_token_mean", "KL first token (nats)")]  # fmt: skip
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for mode in result["config"]["modes"]:
+            pts = sorted((x["ratio"], x["reused"].get(key), x["all"].get(key))
+                         for x in result["rows"] if x["mode"] == mode)  # fmt: skip
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{mode} all")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", marker="x",
+                    label=f"{mode} reused")  # fmt: skip
+        noise = next((x for x in result["rows"] if x["label"] == "off (repeat)"), None)
+        if noise and noise["all"].get(key) is not None:
+            ax.axhline(noise["all"][key], color="grey", lw=0.8, label="off vs off")
+        ax.set_xlabel("recompute ratio")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"fidelity vs full prefill ({result['config']['model']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    parts = []
+    for x in result["rows"]:
+        if x["ratio"] is None:
+            continue
+        a = x["all"]
+        parts.append(f"{x['label']} top1 {a.get('top1_agreement')} exact {a.get('exact_match')}")
+    return (f"fidelity ({result['config']['model'].split()[0]}): " + "; ".join(parts)
+            + f"; sanity {result['sanity_ok']} ({result['wall_s']:.0f} s)")  # fmt: skip
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    common.write_json(out / "fidelity.json", result)
+    (out / "fidelity.md").write_text(markdown(result) + "\n")
+    try:
+        plot(result, out / "fidelity.png")
+    except Exception:
+        logger.exception("plot failed")
+
+
+def main(argv: list[str] | None = None, pool: common.ServerPool | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.setup_logging(args.verbose)
+    result = run(args, pool)
+    write_outputs(result, args.out)
+    print(summary_line(result))
+    return 0 if result["sanity_ok"] in (True, None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
