@@ -63,8 +63,9 @@ SLO_TEXT = (
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="tiny | small | model directory")
-    ap.add_argument("--modes", nargs="+", default=["off", "pic", "tokendance"],
-                    choices=common.MODES)  # fmt: skip
+    ap.add_argument(
+        "--modes", nargs="+", default=["off", "pic", "tokendance"], choices=common.MODES
+    )
     ap.add_argument("--pool", type=int, default=16384, help="--max-total-tokens of every server")
     ap.add_argument("--ratio", type=float, default=0.15, help="recompute ratio (tokendance, pic)")
     ap.add_argument("--workload", default="generative_agents")
@@ -76,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-agents", type=int, default=64)
     ap.add_argument("--l1-repeats", type=int, default=3, help="single-agent runs for L1")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--server-args", default="", help="more launch_server flags")
+    ap.add_argument(
+        "--server-args",
+        default=common.UNIFORM,
+        help="more launch_server flags (default: one attention path for all modes)",
+    )
     ap.add_argument("--quick", action="store_true", help="pool 8192, modes off tokendance")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/capacity"))
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -105,9 +110,15 @@ def server_extra(args: argparse.Namespace) -> list[str]:
 
 def probe(url: str, args: argparse.Namespace, n: int, l1_ms: float | None) -> dict[str, Any]:
     """Run one N-agent trace and judge its last round."""
-    trace = common.make_trace(args.workload, n, args.rounds, args.seed,
-                              max_tokens=args.max_tokens, private_words=args.private_words,
-                              shared_words=args.shared_words)  # fmt: skip
+    trace = common.make_trace(
+        args.workload,
+        n,
+        args.rounds,
+        args.seed,
+        max_tokens=args.max_tokens,
+        private_words=args.private_words,
+        shared_words=args.shared_words,
+    )
     common.flush_cache(url)
     t0 = time.perf_counter()
     res = common.run_rounds(url, trace, common.run_prefix(f"cap{n}"), timeout_s=900.0)
@@ -116,8 +127,9 @@ def probe(url: str, args: argparse.Namespace, n: int, l1_ms: float | None) -> di
     retractions = sum(r.num_retractions for r in reps)
     firsts = [r.t_first for r in reps if r.t_first is not None]
     resident = ok and len(firsts) == len(reps) and max(firsts) <= min(r.t_done for r in reps)
-    waited = sum(1 for r in reps if r.t_first is not None and r.t_first > min(
-        q.t_done for q in reps))  # fmt: skip
+    waited = sum(
+        1 for r in reps if r.t_first is not None and r.t_first > min(q.t_done for q in reps)
+    )
     limit = None if l1_ms is None else args.slo_k * n * l1_ms
     within = limit is None or lat <= limit
     served = ok and retractions == 0 and resident and within
@@ -152,10 +164,16 @@ def search(url: str, args: argparse.Namespace, l1_ms: float) -> tuple[int, list[
             p = probe(url, args, n, l1_ms)
             probes.append(p)
             seen[n] = p["served"]
-            logger.info("  N=%d served=%s latency %.0f ms (limit %s) resident=%s retract=%d "
-                        "failed=%d", n, p["served"], p["round_latency_ms"],
-                        p["latency_limit_ms"], p["resident"], p["retractions_last_round"],
-                        p["failed"])  # fmt: skip
+            logger.info(
+                "  N=%d served=%s latency %.0f ms (limit %s) resident=%s retract=%d failed=%d",
+                n,
+                p["served"],
+                p["round_latency_ms"],
+                p["latency_limit_ms"],
+                p["resident"],
+                p["retractions_last_round"],
+                p["failed"],
+            )
         return seen[n]
 
     lo, hi, n = 0, None, 1
@@ -203,8 +221,12 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             l1 = statistics.median(l1s) if l1s else None
             logger.info("%s: single-agent round latency L1 = %s ms", key.label(), l1)
             if l1 is None:
-                per_mode[key.mode] = {"capacity": 0, "l1_ms": None, "probes": [],
-                                      "error": "single-agent probe failed"}  # fmt: skip
+                per_mode[key.mode] = {
+                    "capacity": 0,
+                    "l1_ms": None,
+                    "probes": [],
+                    "error": "single-agent probe failed",
+                }
                 continue
             cap, probes = search(srv.url, args, l1)
             logger.info("%s: capacity %d agents", key.label(), cap)
@@ -269,8 +291,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.scatter([n], [lat], color=c if ok else "none", edgecolors=c, zorder=3)
         ax.axvline(v["capacity"], color=c, ls="--", lw=1, label=f"{mode}: {v['capacity']}")
     cfg = result["config"]
-    ax.set_title(f"capacity at a {cfg['pool_tokens']}-token pool ({cfg['model'].split()[0]}); "
-                 f"hollow = not served", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"capacity at a {cfg['pool_tokens']}-token pool ({cfg['model'].split()[0]}); "
+        f"hollow = not served",
+        fontsize=10,
+    )
     ax.set_xlabel("agents per round")
     ax.set_ylabel("last-round latency (ms)")
     ax.set_yscale("log")
@@ -292,8 +317,10 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for m, v in result["per_mode"].items():
-        pr = ", ".join(f"{p['agents']}:{'y' if p['served'] else 'n'}"
-                       for p in sorted(v["probes"], key=lambda p: p["agents"]))  # fmt: skip
+        pr = ", ".join(
+            f"{p['agents']}:{'y' if p['served'] else 'n'}"
+            for p in sorted(v["probes"], key=lambda p: p["agents"])
+        )
         lines.append(f"| {m} | {v['capacity']} | {v['l1_ms']} | {pr} |")
     for k, r in result["ratios"].items():
         lines.append(f"\n{k}: {r}x")
@@ -303,8 +330,10 @@ def markdown(result: dict[str, Any]) -> str:
 def summary_line(result: dict[str, Any]) -> str:
     caps = ", ".join(f"{m} {c}" for m, c in result["capacity"].items())
     rat = ", ".join(f"{k} {v}x" for k, v in result["ratios"].items())
-    return (f"capacity at {result['config']['pool_tokens']} KV tokens: {caps} agents"
-            f"{'; ' + rat if rat else ''} ({result['wall_s']:.0f} s)")  # fmt: skip
+    return (
+        f"capacity at {result['config']['pool_tokens']} KV tokens: {caps} agents"
+        f"{'; ' + rat if rat else ''} ({result['wall_s']:.0f} s)"
+    )
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:

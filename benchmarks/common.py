@@ -47,6 +47,11 @@ logger = logging.getLogger("benchmarks")
 
 MODES = ("tokendance", "pic", "off")
 SLEEP_ON_IDLE = "--sleep-on-idle"
+# Every mode of a comparison on one attention code path (the position-aware one): a benchmark
+# then measures the reuse, not torch_native's kernel against TokenDance's.
+UNIFORM = "--tokendance-uniform-attention"
+# Flags of the tiny-model servers that storage, fidelity (and the quick prefill) share.
+TINY_SERVER_ARGS = f"--max-total-tokens 262144 --max-running-requests 64 {UNIFORM}"
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 
@@ -314,8 +319,14 @@ class ServerPool:
         return srv
 
     def _stop(self, srv: Server) -> None:
+        if srv.proc is None:  # registered from outside: its owner stops it
+            return
         logger.info("stopping server %s", srv.key.label())
         srv.proc.stop()
+
+    def register(self, key: ServerKey, url: str) -> None:
+        """Use an already running server (started and stopped by the caller) for ``key``."""
+        self._alive[key] = Server(key, url.rstrip("/"), ["", "", "", "(external)"], Path(), 0.0)
 
     def _make_room(self, needed: int, keep: Iterable[ServerKey]) -> None:
         keep = set(keep)
@@ -568,15 +579,23 @@ def run_rounds(
     return asyncio.run(_run_rounds(url, trace, prefix, rounds, timeout_s, **kw))
 
 
-def warm_up(url: str, tag: str = "warm") -> None:
-    """One small hinted round (2 agents, 1 round, 2 tokens) and one plain request, then flush."""
-    trace = make_trace("generative_agents", agents=2, rounds=1, seed=12345, private_words=60,
-                       shared_words=20, max_tokens=2)  # fmt: skip
+def warm_up(url: str, tag: str = "warm", flush: bool = True) -> None:
+    """One small hinted round (2 agents, 1 round, 2 output tokens), then flush the cache."""
+    trace = make_trace(
+        "generative_agents",
+        agents=2,
+        rounds=1,
+        seed=12345,
+        private_words=60,
+        shared_words=20,
+        max_tokens=2,
+    )
     res = run_rounds(url, trace, run_prefix(tag), max_new_tokens=2)
     bad = [r.error for _, reps in res for r in reps if not r.ok]
     if bad:
         raise RuntimeError(f"warm-up failed on {url}: {bad[0]}")
-    flush_cache(url)
+    if flush:
+        flush_cache(url)
 
 
 def replay_trace(url: str, trace: Any, prefix: str, hints: bool = True) -> dict[str, Any]:
@@ -594,5 +613,6 @@ def replay_trace(url: str, trace: Any, prefix: str, hints: bool = True) -> dict[
         honor_arrival=False,
     )
     result = replay(trace, url, opts)
-    return build_report(result, opts, "<generated>", trace.header.workload,
-                        len(trace.header.agents))  # fmt: skip
+    return build_report(
+        result, opts, "<generated>", trace.header.workload, len(trace.header.agents)
+    )

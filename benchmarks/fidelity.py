@@ -2,8 +2,12 @@
 
 For every request of a trace (default: the real GenerativeAgents trace
 ``workloads/ga_the_ville_n8.jsonl``, first 3 rounds) the same prompt goes to a mode-off server
-(stock SGLang full prefill with prefix caching: the reference) and to tokendance / pic servers at
-each recompute ratio. Two passes per server, each from a flushed cache with fresh round ids:
+(full prefill with SGLang's prefix caching: the reference) and to tokendance / pic servers at
+each recompute ratio. By default every server runs ``--tokendance-uniform-attention`` (all
+modes on the position-aware attention path), so the comparison isolates the KV reuse from the
+float differences between torch_native's kernel and the position-aware one; pass
+``--server-args`` without it to compare against torch_native's path. Two passes per server,
+each from a flushed cache with fresh round ids:
 
 - pass A (``max_new_tokens=1``, ``return_logprob``, ``top_logprobs_num=K``,
   ``logprob_start_len=-1``): the next-token distribution after the prompt. K defaults to the
@@ -57,18 +61,32 @@ SELECTION = "leading"
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="tiny | small | model directory")
-    ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE,
-                    help="trace file (default: the real GA trace, 8 agents)")  # fmt: skip
+    ap.add_argument(
+        "--trace",
+        type=Path,
+        default=DEFAULT_TRACE,
+        help="trace file (default: the real GA trace, 8 agents)",
+    )
     ap.add_argument("--max-rounds", type=int, default=3)
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.0, 0.05, 0.15, 0.3, 1.0])
-    ap.add_argument("--modes", nargs="+", default=["tokendance", "pic"],
-                    choices=["tokendance", "pic"])  # fmt: skip
+    ap.add_argument(
+        "--modes", nargs="+", default=["tokendance", "pic"], choices=["tokendance", "pic"]
+    )
     ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens (pass B)")
-    ap.add_argument("--top-k", type=int, default=0,
-                    help="top_logprobs_num of pass A (0: the vocabulary size, exact KL)")
-    ap.add_argument("--server-args", default="", help="more launch_server flags")
-    ap.add_argument("--quick", action="store_true",
-                    help="ratios 0.15 1.0, tokendance only, 2 rounds")  # fmt: skip
+    ap.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="top_logprobs_num of pass A (0: the vocabulary size, exact KL)",
+    )
+    ap.add_argument(
+        "--server-args",
+        default=common.TINY_SERVER_ARGS,
+        help="more launch_server flags (default: one attention path for all modes)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="ratios 0.15 1.0, tokendance only, 2 rounds"
+    )
     ap.add_argument("--seed", type=int, default=0, help="recorded; runs are greedy")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/fidelity"))
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -86,11 +104,13 @@ def _passes(url: str, trace: Any, rounds: list[int], k: int, g: int) -> dict[tup
     """Pass A and B on one server: (round, agent) -> first-token logprobs, ids, cache hits."""
     extra = {"return_logprob": True, "top_logprobs_num": k, "logprob_start_len": -1}
     common.flush_cache(url)
-    a = common.run_rounds(url, trace, common.run_prefix("fa"), rounds, max_new_tokens=1,
-                          extra=extra, stream=False)  # fmt: skip
+    a = common.run_rounds(
+        url, trace, common.run_prefix("fa"), rounds, max_new_tokens=1, extra=extra, stream=False
+    )
     common.flush_cache(url)
-    b = common.run_rounds(url, trace, common.run_prefix("fb"), rounds, max_new_tokens=g,
-                          stream=False)  # fmt: skip
+    b = common.run_rounds(
+        url, trace, common.run_prefix("fb"), rounds, max_new_tokens=g, stream=False
+    )
     out: dict[tuple, dict] = {}
     for (_, reps_a), (_, reps_b) in zip(a, b, strict=True):
         for ra, rb in zip(reps_a, reps_b, strict=True):
@@ -135,24 +155,30 @@ def compare(ref: dict[tuple, dict], other: dict[tuple, dict], g: int) -> dict[st
         if o is None or r["error"] or o["error"]:
             rows.append({"key": key, "error": (o or {}).get("error") or r["error"] or "missing"})
             continue
-        div = next((i for i, (x, y) in enumerate(zip(r["ids"], o["ids"], strict=False))
-                    if x != y), None)  # fmt: skip
+        div = next(
+            (i for i, (x, y) in enumerate(zip(r["ids"], o["ids"], strict=False)) if x != y), None
+        )
         if div is None and len(r["ids"]) != len(o["ids"]):
             div = min(len(r["ids"]), len(o["ids"]))
         value, exact = kl(r["top"], o["top"])
-        rows.append({
-            "key": key,
-            "error": None,
-            "reused": o["cached_a"] > r["cached_a"],
-            "top1": r["first"] == o["first"],
-            "kl": value,
-            "kl_exact": exact,
-            "exact": div is None,
-            "divergence": div,
-            "matched": len(r["ids"]) if div is None else div,
-        })  # fmt: skip
-    return {"all": _agg(rows), "reused": _agg([x for x in rows if x.get("reused")]),
-            "rows": [{**x, "key": list(x["key"])} for x in rows]}  # fmt: skip
+        rows.append(
+            {
+                "key": key,
+                "error": None,
+                "reused": o["cached_a"] > r["cached_a"],
+                "top1": r["first"] == o["first"],
+                "kl": value,
+                "kl_exact": exact,
+                "exact": div is None,
+                "divergence": div,
+                "matched": len(r["ids"]) if div is None else div,
+            }
+        )
+    return {
+        "all": _agg(rows),
+        "reused": _agg([x for x in rows if x.get("reused")]),
+        "rows": [{**x, "key": list(x["key"])} for x in rows],
+    }
 
 
 def _agg(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -212,13 +238,20 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             continue
         mode, _, r = label.partition("@")
         cmp = compare(ref, res, g)
-        rows.append({"label": label, "mode": mode.split()[0],
-                     "ratio": float(r) if r else None, "all": cmp["all"],
-                     "reused": cmp["reused"], "requests": cmp["rows"]})  # fmt: skip
+        rows.append(
+            {
+                "label": label,
+                "mode": mode.split()[0],
+                "ratio": float(r) if r else None,
+                "all": cmp["all"],
+                "reused": cmp["reused"],
+                "requests": cmp["rows"],
+            }
+        )
     sanity = [x for x in rows if x["ratio"] == 1.0]
     return {
         "benchmark": "fidelity",
-        "reference": "mode off (stock SGLang full prefill + prefix caching), same prompts",
+        "reference": "mode off (full prefill + SGLang prefix caching), same prompts, same flags",
         "selection_policy": SELECTION,
         "config": {
             "model": common.model_label(args.model, model),
@@ -245,8 +278,11 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
 
 def table_rows(result: dict[str, Any]) -> list[str]:
     """Markdown table of the fidelity rows (all requests; reused ones in parentheses)."""
-    lines = ["| mode | ratio | top-1 agree | KL first token (mean / max, nats) | exact match | "
-             "first divergence (median) | n (reused) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| mode | ratio | top-1 agree | KL first token (mean / max, nats) | exact match | "
+        "first divergence (median) | n (reused) |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def f(v: Any, d: int = 3) -> str:
         return "n/a" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
@@ -266,32 +302,41 @@ def table_rows(result: dict[str, Any]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    return "\n".join([
-        f"Reference: {result['reference']}. Selection policy: {result['selection_policy']}. "
-        f"Model {cfg['model']}, trace {Path(cfg['trace']).name} rounds {cfg['rounds']} "
-        f"({cfg['requests']} requests), {cfg['max_new_tokens']} greedy tokens, KL over "
-        f"top-{cfg['top_logprobs_num']} of a {cfg['vocab_size']}-token vocabulary. Values over "
-        "all requests, (in parentheses) over requests that reused master KV.",
-        "",
-        *table_rows(result),
-        "",
-        f"Sanity (ratio 1.0 exact match == 1.0): {result['sanity_ok']}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"Reference: {result['reference']}. Selection policy: {result['selection_policy']}. "
+            f"Model {cfg['model']}, trace {Path(cfg['trace']).name} rounds {cfg['rounds']} "
+            f"({cfg['requests']} requests), {cfg['max_new_tokens']} greedy tokens, KL over "
+            f"top-{cfg['top_logprobs_num']} of a {cfg['vocab_size']}-token vocabulary. Values over "
+            "all requests, (in parentheses) over requests that reused master KV.",
+            "",
+            *table_rows(result),
+            "",
+            f"Sanity (ratio 1.0 exact match == 1.0): {result['sanity_ok']}",
+        ]
+    )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Exact match, top-1 agreement and KL vs ratio, per mode (reused requests)."""
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    panels = [("exact_match", "greedy exact match"), ("top1_agreement", "first-token top-1"),
-              ("kl_first_token_mean", "KL first token (nats)")]  # fmt: skip
+    panels = [
+        ("exact_match", "greedy exact match"),
+        ("top1_agreement", "first-token top-1"),
+        ("kl_first_token_mean", "KL first token (nats)"),
+    ]
     for ax, (key, title) in zip(axes, panels, strict=True):
         for mode in result["config"]["modes"]:
-            pts = sorted((x["ratio"], x["reused"].get(key), x["all"].get(key))
-                         for x in result["rows"] if x["mode"] == mode)  # fmt: skip
+            pts = sorted(
+                (x["ratio"], x["reused"].get(key), x["all"].get(key))
+                for x in result["rows"]
+                if x["mode"] == mode
+            )
             ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{mode} all")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", marker="x",
-                    label=f"{mode} reused")  # fmt: skip
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], "--", marker="x", label=f"{mode} reused"
+            )
         noise = next((x for x in result["rows"] if x["label"] == "off (repeat)"), None)
         if noise and noise["all"].get(key) is not None:
             ax.axhline(noise["all"][key], color="grey", lw=0.8, label="off vs off")
@@ -311,8 +356,11 @@ def summary_line(result: dict[str, Any]) -> str:
             continue
         a = x["all"]
         parts.append(f"{x['label']} top1 {a.get('top1_agreement')} exact {a.get('exact_match')}")
-    return (f"fidelity ({result['config']['model'].split()[0]}): " + "; ".join(parts)
-            + f"; sanity {result['sanity_ok']} ({result['wall_s']:.0f} s)")  # fmt: skip
+    return (
+        f"fidelity ({result['config']['model'].split()[0]}): "
+        + "; ".join(parts)
+        + f"; sanity {result['sanity_ok']} ({result['wall_s']:.0f} s)"
+    )
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:

@@ -52,9 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--private-words", type=int, default=300)
     ap.add_argument("--shared-words", type=int, default=40)
     ap.add_argument("--modes", nargs="+", default=list(common.MODES), choices=common.MODES)
-    ap.add_argument("--server-args", default="", help="more launch_server flags")
-    ap.add_argument("--quick", action="store_true",
-                    help="4 agents, 2 rounds, 2 repeats, 150 private words")  # fmt: skip
+    ap.add_argument(
+        "--server-args",
+        default=common.UNIFORM,
+        help="more launch_server flags (default: one attention path for all modes)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="4 agents, 2 rounds, 2 repeats, 150 private words"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench/prefill"))
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
@@ -109,35 +114,53 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
     apply_quick(args)
     model = common.model_path(args.model)
     extra = shlex.split(args.server_args)
-    trace = common.make_trace(args.workload, args.agents, args.rounds, args.seed, max_tokens=1,
-                              private_words=args.private_words,
-                              shared_words=args.shared_words)  # fmt: skip
+    trace = common.make_trace(
+        args.workload,
+        args.agents,
+        args.rounds,
+        args.seed,
+        max_tokens=1,
+        private_words=args.private_words,
+        shared_words=args.shared_words,
+    )
     t_start = time.perf_counter()
     runs: list[dict[str, Any]] = []
     with common.pool_or_new(pool, args.out / "logs", max_alive=max(3, len(args.modes))) as pool:
         keys = {m: pool.key(model, m, args.ratio, extra) for m in args.modes}
         pool.ensure(list(keys.values()))
         servers = {m: pool.get(k) for m, k in keys.items()}
-        for m, srv in servers.items():
+        for srv in servers.values():
             common.warm_up(srv.url)
             # a second, full-size warm-up: the first forwards of new shapes are slow
             common.flush_cache(srv.url)
-            replay(trace, srv.url, ReplayOptions(progress=False, max_rounds=1,
-                                                 round_prefix=common.run_prefix("pw")))
+            replay(
+                trace,
+                srv.url,
+                ReplayOptions(progress=False, max_rounds=1, round_prefix=common.run_prefix("pw")),
+            )
         bar = tqdm(total=args.repeats * len(args.modes), desc="prefill", unit="run", disable=None)
         for rep in range(args.repeats):
             order = args.modes[rep % len(args.modes) :] + args.modes[: rep % len(args.modes)]
             for m in order:
                 url = servers[m].url
                 common.flush_cache(url)
-                opts = ReplayOptions(mode="tokendance", progress=False, honor_arrival=False,
-                                     round_prefix=common.run_prefix(f"pf-{m}-{rep}"))  # fmt: skip
+                opts = ReplayOptions(
+                    mode="tokendance",
+                    progress=False,
+                    honor_arrival=False,
+                    round_prefix=common.run_prefix(f"pf-{m}-{rep}"),
+                )
                 res = replay(trace, url, opts)
                 rec = {"mode": m, "repeat": rep, "position": order.index(m)}
                 rec.update(_run_metrics(res))
                 if rec["errors"]:
-                    logger.warning("%s repeat %d: %d failed requests: %s", m, rep,
-                                   rec["errors"], rec["first_error"])  # fmt: skip
+                    logger.warning(
+                        "%s repeat %d: %d failed requests: %s",
+                        m,
+                        rep,
+                        rec["errors"],
+                        rec["first_error"],
+                    )
                 runs.append(rec)
                 bar.update(1)
         bar.close()
@@ -188,8 +211,11 @@ def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
         if base not in modes or "tokendance" not in modes:
             continue
         for k in METRICS:
-            vals = [common.ratio(reps[base][k], reps["tokendance"][k])
-                    for reps in by_rep.values() if base in reps and "tokendance" in reps]  # fmt: skip
+            vals = [
+                common.ratio(reps[base][k], reps["tokendance"][k])
+                for reps in by_rep.values()
+                if base in reps and "tokendance" in reps
+            ]
             out["ratios"][f"{k}:{base}/tokendance"] = common.spread(vals)
     return out
 
@@ -198,9 +224,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     """Per-repeat points and medians: prefill ms per round, TTFT, prefill tokens per round."""
     plt = common.pyplot()
     modes = result["config"]["modes"]
-    panels = [("prefill_ms_per_round", "prefill time per round (ms)"),
-              ("ttft_ms_median", "TTFT median (ms)"),
-              ("prefill_tokens_per_round", "prefill tokens computed per round")]  # fmt: skip
+    panels = [
+        ("prefill_ms_per_round", "prefill time per round (ms)"),
+        ("ttft_ms_median", "TTFT median (ms)"),
+        ("prefill_tokens_per_round", "prefill tokens computed per round"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 4))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for i, m in enumerate(modes):
@@ -213,8 +241,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_ylim(bottom=0)
     cfg = result["config"]
-    fig.suptitle(f"{cfg['model']}, {cfg['workload']}, {cfg['agents']} agents, "
-                 f"ratio {cfg['ratio']:g}, {cfg['repeats']} repeats", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"{cfg['model']}, {cfg['workload']}, {cfg['agents']} agents, "
+        f"ratio {cfg['ratio']:g}, {cfg['repeats']} repeats",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -237,8 +268,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"{common.fmt_spread(per['ttft_ms_median'], 0)} | "
             f"{common.fmt_spread(per['prefill_tokens_per_round'], 0)} |"
         )
-    lines += ["", "| ratio (paired per repeat) | time/round | TTFT median | tokens/round |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| ratio (paired per repeat) | time/round | TTFT median | tokens/round |",
+        "|---|---|---|---|",
+    ]
     for base in ("off", "pic"):
         r = s["ratios"]
         if f"prefill_ms_per_round:{base}/tokendance" not in r:
@@ -261,8 +295,10 @@ def summary_line(result: dict[str, Any]) -> str:
         if t and k:
             parts.append(f"{base}/td time {common.fmt_spread(t)}x tokens {common.fmt_spread(k)}x")
     cfg = result["config"]
-    return (f"prefill ({cfg['model'].split()[0]}, {cfg['agents']} agents, {cfg['repeats']} "
-            f"repeats): " + "; ".join(parts) + f" ({result['wall_s']:.0f} s)")  # fmt: skip
+    return (
+        f"prefill ({cfg['model'].split()[0]}, {cfg['agents']} agents, {cfg['repeats']} "
+        f"repeats): " + "; ".join(parts) + f" ({result['wall_s']:.0f} s)"
+    )
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:

@@ -47,7 +47,7 @@ from benchmarks import common
 
 logger = logging.getLogger("benchmarks.storage")
 
-DEFAULT_SERVER_ARGS = "--max-total-tokens 262144 --max-running-requests 64"
+DEFAULT_SERVER_ARGS = common.TINY_SERVER_ARGS
 DEFINITION = (
     "KV per agent = peak non-evictable KV during the round (pool - free - evictable slots, "
     "max over the round's batches, measured by the server) x kv_bytes_per_token / agents; "
@@ -61,19 +61,37 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workloads", nargs="+", default=["generative_agents", "agent_society"])
     ap.add_argument("--agents", nargs="+", type=int, default=[4, 8, 16, 32])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.15, 0.3])
-    ap.add_argument("--pic-ratios", nargs="*", type=float, default=None,
-                    help="recompute ratios of the pic servers (default: --ratios)")  # fmt: skip
+    ap.add_argument(
+        "--pic-ratios",
+        nargs="*",
+        type=float,
+        default=None,
+        help="recompute ratios of the pic servers (default: --ratios)",
+    )
+    ap.add_argument("--modes", nargs="+", default=list(common.MODES), choices=common.MODES)
     ap.add_argument("--rounds", type=int, default=2, help="rounds per run (the last is measured)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     ap.add_argument("--private-words", type=int, default=300)
     ap.add_argument("--shared-words", type=int, default=40)
     ap.add_argument("--model", default="tiny", help="tiny | small | model directory")
-    ap.add_argument("--server-args", default=DEFAULT_SERVER_ARGS,
-                    help="more launch_server flags for every server")  # fmt: skip
+    ap.add_argument(
+        "--server-args",
+        default=DEFAULT_SERVER_ARGS,
+        help="more launch_server flags for every server",
+    )
     ap.add_argument("--quick", action="store_true", help="agents 4 8, ratio 0.15 only")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench/storage"),
-                    help="output directory (storage.json, storage.png, storage.md)")  # fmt: skip
+    ap.add_argument(
+        "--no-flush",
+        action="store_true",
+        help="never POST /flush_cache (a server shared with others; leftovers may then count)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench/storage"),
+        help="output directory (storage.json, storage.png, storage.md)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
@@ -87,8 +105,9 @@ def apply_quick(args: argparse.Namespace) -> None:
         args.pic_ratios = list(args.ratios)
 
 
-def _one_run(url: str, trace: Any, label: str) -> dict[str, Any]:
-    common.flush_cache(url)
+def _one_run(url: str, trace: Any, label: str, flush: bool = True) -> dict[str, Any]:
+    if flush:
+        common.flush_cache(url)
     prefix = common.run_prefix(f"st-{label}")
     t0 = time.perf_counter()
     rep = common.replay_trace(url, trace, prefix, hints=True)
@@ -100,8 +119,15 @@ def _one_run(url: str, trace: Any, label: str) -> dict[str, Any]:
     store = stats.get("store_last_round") or {}
     if store.get("round") not in (None, rid):
         store = {}
-    keys = ("master_tokens", "mirror_tokens", "mirrors", "segments", "dense_equiv_tokens",
-            "stored_tokens", "compression_ratio")  # fmt: skip
+    keys = (
+        "master_tokens",
+        "mirror_tokens",
+        "mirrors",
+        "segments",
+        "dense_equiv_tokens",
+        "stored_tokens",
+        "compression_ratio",
+    )
     return {
         "round_id": rid,
         "kv_bytes_per_agent": rs.get("kv_bytes_per_agent"),
@@ -132,32 +158,51 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
     extra = shlex.split(args.server_args)
     t_start = time.perf_counter()
     traces = {
-        (w, n): common.make_trace(w, n, args.rounds, args.seed, max_tokens=args.max_tokens,
-                                  private_words=args.private_words,
-                                  shared_words=args.shared_words)  # fmt: skip
+        (w, n): common.make_trace(
+            w,
+            n,
+            args.rounds,
+            args.seed,
+            max_tokens=args.max_tokens,
+            private_words=args.private_words,
+            shared_words=args.shared_words,
+        )
         for w in args.workloads
         for n in sorted(args.agents)
     }
     runs: list[dict[str, Any]] = []
     servers: list[dict[str, Any]] = []
     with common.pool_or_new(pool, args.out / "logs") as pool:
-        keys = [pool.key(model, "off", 0.0, extra)]
-        keys += [pool.key(model, "tokendance", r, extra) for r in args.ratios]
-        keys += [pool.key(model, "pic", r, extra) for r in args.pic_ratios]
+        keys = [pool.key(model, "off", 0.0, extra)] if "off" in args.modes else []
+        if "tokendance" in args.modes:
+            keys += [pool.key(model, "tokendance", r, extra) for r in args.ratios]
+        if "pic" in args.modes:
+            keys += [pool.key(model, "pic", r, extra) for r in args.pic_ratios]
         keys = pool.order(list(dict.fromkeys(keys)))
         bar = tqdm(total=len(keys) * len(traces), desc="storage", unit="run", disable=None)
         for i, key in enumerate(keys):
             pool.ensure(keys[i : i + pool.start_parallel])
             srv = pool.get(key)
-            common.warm_up(srv.url)
+            common.warm_up(srv.url, flush=not args.no_flush)
             servers.append(srv.describe())
             for (w, n), trace in traces.items():
-                rec = {"workload": w, "agents": n, "mode": key.mode, "ratio": key.ratio,
-                       "server": key.label()}  # fmt: skip
-                rec.update(_one_run(srv.url, trace, key.label()))
+                rec = {
+                    "workload": w,
+                    "agents": n,
+                    "mode": key.mode,
+                    "ratio": key.ratio,
+                    "server": key.label(),
+                }
+                rec.update(_one_run(srv.url, trace, key.label(), flush=not args.no_flush))
                 if rec["errors"]:
-                    logger.warning("%s %s N=%d: %d failed requests: %s", key.label(), w, n,
-                                   rec["errors"], rec["first_error"])  # fmt: skip
+                    logger.warning(
+                        "%s %s N=%d: %d failed requests: %s",
+                        key.label(),
+                        w,
+                        n,
+                        rec["errors"],
+                        rec["first_error"],
+                    )
                 runs.append(rec)
                 bar.update(1)
         bar.close()
@@ -166,6 +211,8 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
         "definition": DEFINITION,
         "hints_in_mode_off": "sent; ignored by mode off except for per-round accounting",
         "config": {
+            "modes": args.modes,
+            "flushed_between_runs": not args.no_flush,
             "workloads": args.workloads,
             "agents": sorted(args.agents),
             "tokendance_ratios": args.ratios,
@@ -191,8 +238,9 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
 
 
 def _find(runs: list[dict[str, Any]], w: str, n: int, label: str) -> dict[str, Any] | None:
-    return next((r for r in runs if r["workload"] == w and r["agents"] == n
-                 and r["server"] == label), None)  # fmt: skip
+    return next(
+        (r for r in runs if r["workload"] == w and r["agents"] == n and r["server"] == label), None
+    )
 
 
 def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -235,10 +283,20 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "ratio": ratio,
         "agents": top,
-        "per_workload": {c["workload"]: {k: c[k] for k in (
-            "kv_reduction_vs_off", "kv_reduction_vs_pic", "shared_segment_compression",
-            "tokendance_kv_bytes_per_agent", "off_kv_bytes_per_agent",
-            "pic_kv_bytes_per_agent")} for c in sel},  # fmt: skip
+        "per_workload": {
+            c["workload"]: {
+                k: c[k]
+                for k in (
+                    "kv_reduction_vs_off",
+                    "kv_reduction_vs_pic",
+                    "shared_segment_compression",
+                    "tokendance_kv_bytes_per_agent",
+                    "off_kv_bytes_per_agent",
+                    "pic_kv_bytes_per_agent",
+                )
+            }
+            for c in sel
+        },
         "kv_reduction_vs_off": common.spread(c["kv_reduction_vs_off"] for c in sel),
         "kv_reduction_vs_pic": common.spread(c["kv_reduction_vs_pic"] for c in sel),
         "spread_over": "workloads",
@@ -254,32 +312,52 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for j, w in enumerate(wls):
         ax = axes[0][j]
         for lab in labels:
-            pts = sorted((r["agents"], r["kv_bytes_per_agent"]) for r in runs
-                         if r["workload"] == w and r["server"] == lab
-                         and r["kv_bytes_per_agent"] is not None)  # fmt: skip
+            pts = sorted(
+                (r["agents"], r["kv_bytes_per_agent"])
+                for r in runs
+                if r["workload"] == w and r["server"] == lab and r["kv_bytes_per_agent"] is not None
+            )
             if pts:
                 style = "--" if lab.startswith("pic") else ("-" if lab != "off" else ":")
-                ax.plot([p[0] for p in pts], [p[1] / 1024 for p in pts], style, marker="o",
-                        label=lab)  # fmt: skip
-        dense = sorted({(r["agents"], r["dense_kv_bytes_per_agent"]) for r in runs
-                        if r["workload"] == w and r["server"] == "off"
-                        and r["dense_kv_bytes_per_agent"]})  # fmt: skip
+                ax.plot(
+                    [p[0] for p in pts], [p[1] / 1024 for p in pts], style, marker="o", label=lab
+                )
+        dense = sorted(
+            {
+                (r["agents"], r["dense_kv_bytes_per_agent"])
+                for r in runs
+                if r["workload"] == w and r["server"] == "off" and r["dense_kv_bytes_per_agent"]
+            }
+        )
         if dense:
-            ax.plot([d[0] for d in dense], [d[1] / 1024 for d in dense], color="grey",
-                    alpha=0.5, label="dense (private copies)")  # fmt: skip
+            ax.plot(
+                [d[0] for d in dense],
+                [d[1] / 1024 for d in dense],
+                color="grey",
+                alpha=0.5,
+                label="dense (private copies)",
+            )
         ax.set_title(f"{w}: KV per agent (last round)")
         ax.set_xlabel("agents")
         ax.set_ylabel("KiB per agent")
         ax.legend(fontsize=7)
         ax = axes[1][j]
         for ratio in sorted({c["ratio"] for c in result["comparisons"]}):
-            pts = sorted((c["agents"], c["kv_reduction_vs_off"], c["kv_reduction_vs_pic"])
-                         for c in result["comparisons"]
-                         if c["workload"] == w and c["ratio"] == ratio)  # fmt: skip
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"vs off, r={ratio:g}")  # fmt: skip
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], "--", marker="x",
-                    label=f"vs pic, r={ratio:g}")  # fmt: skip
+            pts = sorted(
+                (c["agents"], c["kv_reduction_vs_off"], c["kv_reduction_vs_pic"])
+                for c in result["comparisons"]
+                if c["workload"] == w and c["ratio"] == ratio
+            )
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"vs off, r={ratio:g}"
+            )
+            ax.plot(
+                [p[0] for p in pts],
+                [p[2] for p in pts],
+                "--",
+                marker="x",
+                label=f"vs pic, r={ratio:g}",
+            )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(f"{w}: KV reduction of tokendance (x)")
         ax.set_xlabel("agents")
@@ -295,9 +373,12 @@ def markdown(result: dict[str, Any]) -> str:
     labels = list(dict.fromkeys(r["server"] for r in runs))
     lines = [f"Definition: {result['definition']}", ""]
     for w in result["config"]["workloads"]:
-        lines += [f"**{w}** - KV per agent, KiB (last round)", "",
-                  "| agents | " + " | ".join(labels) + " | dense |",
-                  "|---" * (len(labels) + 2) + "|"]  # fmt: skip
+        lines += [
+            f"**{w}** - KV per agent, KiB (last round)",
+            "",
+            "| agents | " + " | ".join(labels) + " | dense |",
+            "|---" * (len(labels) + 2) + "|",
+        ]
         for n in result["config"]["agents"]:
             cells = []
             for lab in labels:
@@ -308,8 +389,11 @@ def markdown(result: dict[str, Any]) -> str:
             d = off and off["dense_kv_bytes_per_agent"]
             cells.append("n/a" if not d else f"{d / 1024:,.0f}")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        lines += ["", "| agents | ratio | vs off | vs pic | shared-segment compression |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| agents | ratio | vs off | vs pic | shared-segment compression |",
+            "|---|---|---|---|---|",
+        ]
         for c in result["comparisons"]:
             if c["workload"] == w:
                 lines.append(

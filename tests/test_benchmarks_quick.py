@@ -1,0 +1,93 @@
+"""Smoke test of the benchmarks: storage.main() on a tiny configuration against a real server.
+
+It borrows the shared TokenDance test server (tiny Llama, mode tokendance, ratio 0.15; see
+test_replay_shared.py) through the benchmark's ServerPool, so no extra server starts when other
+modules already started it. ``--no-flush`` leaves the shared server's cache alone. Only the JSON
+keys and shapes are checked, no timings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_replay_shared import shared_server
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import common, storage  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+
+def test_storage_main_writes_its_json_markdown_and_plot(
+    request: pytest.FixtureRequest,
+    tiny_llama: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+) -> None:
+    url = shared_server(request, tiny_llama, tmp_path_factory)
+    argv = [
+        "--modes",
+        "tokendance",
+        "--workloads",
+        "generative_agents",
+        "--agents",
+        "2",
+        "--ratios",
+        "0.15",
+        "--rounds",
+        "2",
+        "--private-words",
+        "30",
+        "--shared-words",
+        "10",
+        "--max-tokens",
+        "4",
+        "--model",
+        "tiny",
+        "--server-args",
+        "",
+        "--no-flush",
+        "--out",
+        str(tmp_path),
+    ]
+    with common.ServerPool(tmp_path / "logs", max_alive=1) as pool:
+        pool.register(pool.key(tiny_llama, "tokendance", 0.15, ()), url)
+        assert storage.main(argv, pool=pool) == 0
+        assert pool.started == []  # nothing was started: the shared server was used
+    data = json.loads((tmp_path / "storage.json").read_text())
+    for key in (
+        "benchmark",
+        "definition",
+        "config",
+        "servers",
+        "runs",
+        "comparisons",
+        "headline",
+        "machine",
+        "wall_s",
+    ):
+        assert key in data, key
+    assert data["benchmark"] == "storage" and "peak non-evictable" in data["definition"]
+    assert data["config"]["selection"] == "leading"
+    (run,) = data["runs"]
+    assert (run["mode"], run["ratio"], run["agents"]) == ("tokendance", 0.15, 2)
+    assert run["errors"] == 0
+    for key in (
+        "kv_bytes_per_agent",
+        "dense_kv_bytes_per_agent",
+        "kv_tokens_peak",
+        "kv_bytes_per_token",
+        "prefill_tokens_computed",
+        "store_last_round",
+    ):
+        assert key in run, key
+    assert run["kv_bytes_per_agent"] > 0 and run["kv_bytes_per_token"] > 0
+    assert run["round_id"].endswith("r2")
+    assert (tmp_path / "storage.md").read_text().startswith("Definition:")
+    assert (tmp_path / "storage.png").stat().st_size > 0
