@@ -69,6 +69,7 @@ class TrainConfig:
     intermediate: int = 688
     max_positions: int = 4096
     rope_theta: float = 10000.0
+    tie_embeddings: bool = True
     seq_len: int = 256
     batch_size: int = 8
     lr: float = 2e-3
@@ -197,7 +198,7 @@ def make_config(cfg: TrainConfig, tokenizer: Any) -> Any:
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
     )
 
@@ -802,6 +803,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--threads", type=int, default=TrainConfig.threads)
+    p.add_argument("--untied", action="store_true", help="untie input/output embeddings")
     p.add_argument(
         "--repeat-frac",
         type=float,
@@ -820,6 +822,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         threads=args.threads,
         repeat_frac=args.repeat_frac,
+        tie_embeddings=not args.untied,
     )
     out, streams = train(cfg, args.out)
     if not args.no_evaluate:
