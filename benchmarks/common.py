@@ -75,6 +75,14 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def loadavg() -> float | None:
+    """The 1-minute load average now (other jobs on the machine show up here)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def has_cuda() -> bool:
     """True when torch sees a CUDA device."""
     try:

@@ -1,7 +1,7 @@
 """Fidelity of reused KV against full prefill (mode off), per recompute ratio and mode.
 
 For every request of a trace (default: the real GenerativeAgents trace
-``workloads/ga_the_ville_n8.jsonl``, first 3 rounds) the same prompt goes to a mode-off server
+``workloads/ga_the_ville_n8.jsonl``, first 2 rounds) the same prompt goes to a mode-off server
 (full prefill with SGLang's prefix caching: the reference) and to tokendance / pic servers at
 each recompute ratio. By default every server runs ``--tokendance-uniform-attention`` (all
 modes on the position-aware attention path), so the comparison isolates the KV reuse from the
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TRACE,
         help="trace file (default: the real GA trace, 8 agents)",
     )
-    ap.add_argument("--max-rounds", type=int, default=3)
+    ap.add_argument("--max-rounds", type=int, default=2)
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.0, 0.05, 0.15, 0.3, 1.0])
     ap.add_argument(
         "--modes", nargs="+", default=["tokendance", "pic"], choices=["tokendance", "pic"]
