@@ -39,6 +39,9 @@ if [[ ! -f "$STAMP" ]]; then
     | grep -v "^WARNING: Location" || true
   "$PY" -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 \
     | grep -v "^WARNING: Location" || true
+  # The CPU stand-ins must be in place before anything imports sglang (it imports
+  # torchvision, whose meta registrations need the nms schemas the stand-ins provide).
+  "$PY" -m sglang_tokendance.cpu.install >/dev/null
   "$PY" -c "import torch, sglang, transformers; assert torch.__version__.startswith('2.13.0')" \
     || { echo "[setup] dependency check failed" >&2; exit 1; }
   rm -f "$VENV"/.tokendance-setup-*
