@@ -238,7 +238,25 @@ class ServerKey(NamedTuple):
     extra: tuple[str, ...]
 
     def label(self) -> str:
-        return self.mode if self.mode == "off" else f"{self.mode}@{self.ratio:g}"
+        """``mode@ratio``, with ``[selection,policy]`` when the extra flags set them."""
+        if self.mode == "off":
+            return self.mode
+        opts = [flag_value(self.extra, f) for f in ("--tokendance-selection", POLICY_FLAG)]
+        tag = ",".join(o for o in opts if o)
+        return f"{self.mode}{f'[{tag}]' if tag else ''}@{self.ratio:g}"
+
+
+POLICY_FLAG = "--tokendance-master-policy"
+
+
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), or None."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 def server_flags(mode: str, ratio: float, extra: Sequence[str] = ()) -> list[str]:

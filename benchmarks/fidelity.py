@@ -25,8 +25,15 @@ agents run a full prefill and are exact by construction). An ``off (repeat)`` ro
 noise floor of the reference itself (batching can change float sums). Ratio 1.0 recomputes
 every token of every segment: its exact match must be 1.0 (sanity).
 
-Selection policy of the recompute set: "leading" (the first ceil(ratio x L) tokens of every
-shared segment; the only one built).
+Selection policies of the recompute set (``--selections``, tokendance rows at ratios strictly
+between 0 and 1, where the choice matters): "leading" (the first ceil(ratio x L) tokens of every
+shared segment), "deviation" (CacheBlend-style, by check-layer deviation measured when the
+master is computed) and "both" (half each). pic rows use the server default.
+
+Master policies (``--policies``, closed loop, ``fidelity_closed.py``): round 2 built from the
+server's own round-1 outputs; "fresh" computes each segment's master in a master agent's
+context, "author" reuses the KV its author produced while generating it. Both are compared to
+mode off on the same round-2 prompts.
 
     python benchmarks/fidelity.py --out runs/bench/fidelity            # tiny model
     python benchmarks/fidelity.py --model /path/to/trained --out ...   # any local model dir
@@ -49,13 +56,14 @@ if __package__ in (None, ""):
 
 from tqdm import tqdm
 
-from benchmarks import common
+from benchmarks import common, fidelity_closed
 
 logger = logging.getLogger("benchmarks.fidelity")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = ROOT / "workloads" / "ga_the_ville_n8.jsonl"
-SELECTION = "leading"
+SELECTIONS = ["leading", "deviation", "both"]
+POLICIES = ["fresh", "author"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--modes", nargs="+", default=["tokendance", "pic"], choices=["tokendance", "pic"]
     )
+    ap.add_argument("--selections", nargs="+", default=SELECTIONS, choices=SELECTIONS)
+    ap.add_argument(
+        "--policies",
+        nargs="*",
+        default=POLICIES,
+        choices=POLICIES,
+        help="master policies compared in closed loop (none: skip the closed-loop rows)",
+    )
+    ap.add_argument(
+        "--closed-loop-ratio", type=float, default=0.15, help="ratio of the closed-loop rows"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens (pass B)")
     ap.add_argument(
         "--top-k",
@@ -85,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="more launch_server flags (default: one attention path for all modes)",
     )
     ap.add_argument(
-        "--quick", action="store_true", help="ratios 0.15 1.0, tokendance only, 2 rounds"
+        "--quick", action="store_true", help="ratios 0.15 1.0, tokendance only, fewer variants"
     )
     ap.add_argument("--seed", type=int, default=0, help="recorded; runs are greedy")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/fidelity"))
@@ -98,6 +117,8 @@ def apply_quick(args: argparse.Namespace) -> None:
         args.ratios = [0.15, 1.0]
         args.modes = ["tokendance"]
         args.max_rounds = min(args.max_rounds, 2)
+        args.selections = [x for x in args.selections if x != "both"] or ["leading"]
+        args.policies = ["author"] if args.policies else []
 
 
 def _passes(url: str, trace: Any, rounds: list[int], k: int, g: int) -> dict[tuple, dict]:
@@ -111,21 +132,7 @@ def _passes(url: str, trace: Any, rounds: list[int], k: int, g: int) -> dict[tup
     b = common.run_rounds(
         url, trace, common.run_prefix("fb"), rounds, max_new_tokens=g, stream=False
     )
-    out: dict[tuple, dict] = {}
-    for (_, reps_a), (_, reps_b) in zip(a, b, strict=True):
-        for ra, rb in zip(reps_a, reps_b, strict=True):
-            err = ra.error or rb.error
-            top = {int(t[1]): float(t[0]) for t in (ra.first_top_logprobs or [])}
-            out[(ra.round, ra.agent)] = {
-                "error": err,
-                "top": top,
-                "first": ra.output_ids[0] if ra.output_ids else None,
-                "ids": rb.output_ids,
-                "cached_a": ra.cached_tokens,
-                "cached_b": rb.cached_tokens,
-                "prompt_tokens": ra.prompt_tokens,
-            }
-    return out
+    return fidelity_closed.collect(a, b)
 
 
 def kl(p: dict[int, float], q: dict[int, float]) -> tuple[float | None, bool]:
@@ -215,9 +222,27 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
     t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     servers = []
+    sel_flag, pol_flag = "--tokendance-selection", common.POLICY_FLAG
+    closed_info: dict[str, Any] = {}
+    closed_rows: dict[str, tuple[dict, dict]] = {}
     with common.pool_or_new(pool, args.out / "logs") as pool:
         ref_key = pool.key(model, "off", 0.0, extra)
-        keys = [pool.key(model, m, r, extra) for m in args.modes for r in args.ratios]
+        keys = []
+        for m in args.modes:
+            for r in args.ratios:
+                sels = args.selections if m == "tokendance" and 0.0 < r < 1.0 else [None]
+                for sel in sels:
+                    flags = [] if sel is None else [sel_flag, sel]
+                    keys.append(pool.key(model, m, r, [*flags, *extra]))
+        closed = [
+            pool.key(
+                model,
+                "tokendance",
+                args.closed_loop_ratio,
+                [sel_flag, args.selections[-1], pol_flag, p, *extra],
+            )
+            for p in args.policies
+        ]
         keys = [ref_key] + pool.order(keys)
         results: dict[str, dict[tuple, dict]] = {}
         bar = tqdm(total=len(keys) + 1, desc="fidelity", unit="server-run", disable=None)
@@ -232,17 +257,34 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
                 results["off (repeat)"] = _passes(srv.url, trace, rounds, k, g)
                 bar.update(1)
         bar.close()
+        for key in closed if len(rounds) >= 2 else []:
+            pool.ensure([ref_key, key])
+            srv = pool.get(key)
+            servers.append(srv.describe())
+            common.warm_up(srv.url)
+            ref_c, td_c, info = fidelity_closed.closed_passes(
+                srv.url, pool.get(ref_key).url, trace, rounds[0], k, g
+            )
+            label = f"{key.label()} closed loop"
+            closed_rows[label] = (ref_c, td_c)
+            closed_info[label] = info
     ref = results["off"]
-    for label, res in results.items():
-        if label == "off":
-            continue
-        mode, _, r = label.partition("@")
-        cmp = compare(ref, res, g)
+    pairs = [(label, ref, res) for label, res in results.items() if label != "off"]
+    pairs += [(label, rc, tc) for label, (rc, tc) in closed_rows.items()]
+    for label, reference, res in pairs:
+        head, _, r = label.partition("@")
+        mode, _, opts = head.partition("[")
+        opt = opts.rstrip("]").split(",") if opts else []
+        cmp = compare(reference, res, g)
         rows.append(
             {
                 "label": label,
                 "mode": mode.split()[0],
-                "ratio": float(r) if r else None,
+                "ratio": float(r.split()[0]) if r else None,
+                "selection": opt[0] if opt else None,
+                "policy": opt[1] if len(opt) > 1 else None,
+                "closed_loop": label.endswith("closed loop"),
+                "closed_loop_info": closed_info.get(label),
                 "all": cmp["all"],
                 "reused": cmp["reused"],
                 "requests": cmp["rows"],
@@ -252,7 +294,8 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
     return {
         "benchmark": "fidelity",
         "reference": "mode off (full prefill + SGLang prefix caching), same prompts, same flags",
-        "selection_policy": SELECTION,
+        "selections": args.selections,
+        "policies": args.policies,
         "config": {
             "model": common.model_label(args.model, model),
             "model_path": str(model),
@@ -276,10 +319,40 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
     }
 
 
+def sorted_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows by (closed loop, mode, ratio, selection, policy)."""
+    order = {"off": 0, "tokendance": 1, "pic": 2}
+    sel = {None: 0, **{s: i + 1 for i, s in enumerate(SELECTIONS)}}
+    return sorted(
+        result["rows"],
+        key=lambda x: (
+            bool(x.get("closed_loop")),
+            order.get(x["mode"], 3),
+            x["ratio"] or 0.0,
+            sel.get(x.get("selection"), 9),
+            x.get("policy") or "",
+        ),
+    )
+
+
+def closed_loop_lines(result: dict[str, Any]) -> list[str]:
+    """What the closed-loop rows reused (authored masters vs fresh ones in round 2)."""
+    out = []
+    for x in sorted_rows(result):
+        info = x.get("closed_loop_info")
+        if info:
+            out.append(
+                f"- {x['label']}: round {info['round']}, {info['author_masters_used']} segments "
+                f"reused their author's decode-time KV, {info['masters_created']} fresh masters "
+                "were computed"
+            )
+    return out
+
+
 def table_rows(result: dict[str, Any]) -> list[str]:
     """Markdown table of the fidelity rows (all requests; reused ones in parentheses)."""
     lines = [
-        "| mode | ratio | top-1 agree | KL first token (mean / max, nats) | exact match | "
+        "| server | ratio | top-1 agree | KL first token (mean / max, nats) | exact match | "
         "first divergence (median) | n (reused) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -287,15 +360,22 @@ def table_rows(result: dict[str, Any]) -> list[str]:
     def f(v: Any, d: int = 3) -> str:
         return "n/a" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
 
-    for x in result["rows"]:
+    def e(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.1e}"
+
+    def g(v: Any) -> str:
+        return "n/a" if v is None else f"{v:g}"
+
+    for x in sorted_rows(result):
         a, u = x["all"], x["reused"]
         ratio = "-" if x["ratio"] is None else f"{x['ratio']:g}"
         lines.append(
-            f"| {x['mode']} | {ratio} | {f(a.get('top1_agreement'))} "
-            f"({f(u.get('top1_agreement'))}) | {f(a.get('kl_first_token_mean'), 5)} / "
-            f"{f(a.get('kl_first_token_max'), 5)} | {f(a.get('exact_match'))} "
-            f"({f(u.get('exact_match'))}) | {f(a.get('first_divergence_median'))} | "
-            f"{a.get('n')} ({u.get('n')}) |"
+            f"| {x['label'].split('@')[0] + (' closed loop' if x.get('closed_loop') else '')} "
+            f"| {ratio} | "
+            f"{f(a.get('top1_agreement'))} ({f(u.get('top1_agreement'))}) | "
+            f"{e(a.get('kl_first_token_mean'))} / {e(a.get('kl_first_token_max'))} | "
+            f"{f(a.get('exact_match'))} ({f(u.get('exact_match'))}) | "
+            f"{g(a.get('first_divergence_median'))} | {a.get('n')} ({u.get('n')}) |"
         )
     return lines
 
@@ -304,7 +384,8 @@ def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     return "\n".join(
         [
-            f"Reference: {result['reference']}. Selection policy: {result['selection_policy']}. "
+            f"Reference: {result['reference']}. Selections: {', '.join(result['selections'])}; "
+            f"master policies (closed loop): {', '.join(result['policies']) or 'none'}. "
             f"Model {cfg['model']}, trace {Path(cfg['trace']).name} rounds {cfg['rounds']} "
             f"({cfg['requests']} requests), {cfg['max_new_tokens']} greedy tokens, KL over "
             f"top-{cfg['top_logprobs_num']} of a {cfg['vocab_size']}-token vocabulary. Values over "
@@ -312,13 +393,15 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             *table_rows(result),
             "",
+            *closed_loop_lines(result),
+            "",
             f"Sanity (ratio 1.0 exact match == 1.0): {result['sanity_ok']}",
         ]
     )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Exact match, top-1 agreement and KL vs ratio, per mode (reused requests)."""
+    """Exact match, top-1 agreement and KL vs ratio, per mode and selection (all requests)."""
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     panels = [
@@ -326,17 +409,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ("top1_agreement", "first-token top-1"),
         ("kl_first_token_mean", "KL first token (nats)"),
     ]
+    open_rows = [x for x in result["rows"] if not x.get("closed_loop") and x["ratio"] is not None]
+    series = sorted({(x["mode"], x.get("selection")) for x in open_rows if x.get("selection")})
+    series += [(m, None) for m in result["config"]["modes"] if not any(s[0] == m for s in series)]
     for ax, (key, title) in zip(axes, panels, strict=True):
-        for mode in result["config"]["modes"]:
+        for mode, sel in series:
+            # rows without a selection (ratios 0 and 1) belong to every series of their mode
             pts = sorted(
-                (x["ratio"], x["reused"].get(key), x["all"].get(key))
-                for x in result["rows"]
-                if x["mode"] == mode
+                (x["ratio"], x["all"].get(key))
+                for x in open_rows
+                if x["mode"] == mode and x.get("selection") in (sel, None)
             )
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{mode} all")
-            ax.plot(
-                [p[0] for p in pts], [p[1] for p in pts], "--", marker="x", label=f"{mode} reused"
-            )
+            name = mode if sel is None else f"{mode} {sel}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         noise = next((x for x in result["rows"] if x["label"] == "off (repeat)"), None)
         if noise and noise["all"].get(key) is not None:
             ax.axhline(noise["all"][key], color="grey", lw=0.8, label="off vs off")

@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 def bench_argv(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
     """The command line of each benchmark in this report."""
     q = ["--quick"] if args.quick else []
-    tiny = ["--server-args", common.TINY_SERVER_ARGS]
+    # "--server-args=VALUE": a value that starts with "--" is not taken as an argument otherwise
+    tiny = [f"--server-args={common.TINY_SERVER_ARGS}"]
     pmodel = args.prefill_model or ("tiny" if args.quick else "small")
     # a quick prefill on tiny shares the storage servers (same flags); small gets its own
-    pflags = tiny if pmodel == "tiny" else ["--server-args", common.UNIFORM]
+    pflags = tiny if pmodel == "tiny" else [f"--server-args={common.UNIFORM}"]
     return {
         "storage": [*q, *tiny, "--out", str(out)],
         "fidelity": [*q, *tiny, "--model", args.fidelity_model, "--out", str(out)],
@@ -198,7 +199,10 @@ def readme(report: dict[str, Any], results: dict[str, Any]) -> str:
         f"# TokenDance benchmarks: {report['date']}, {m['name']}"
         f"{' (quick)' if report['quick'] else ''}",
         "",
-        f"- command: `{report['command']}` (total {report['wall_s'] / 60:.1f} min)",
+        "- command(s): "
+        + ", ".join(f"`{c}`" for c in report.get("commands") or [report["command"]])
+        + f" (benchmarks' wall time {report.get('benchmarks_wall_s', report['wall_s']) / 60:.1f}"
+        " min in all)",
         f"- machine: {m['cpu_cores']} CPU cores ({m['processor']}), {m['platform']}, "
         f"python {m['python']}, torch {m['torch']}, sglang {m['sglang']}, CUDA: {m['cuda']}",
         f"- load average (1/5/15 min) at start {report['load_start']}, at end "
@@ -275,9 +279,11 @@ def render(out: Path) -> None:
         res = json.loads(path.read_text())
         if bench == "prefill" and "runs" in res:
             res["summary"] = prefill.summarize(res["runs"], res["config"]["modes"])
+        if bench == "storage" and "runs" in res:
+            res["comparisons"] = storage.compare(res["runs"])
+            res["headline"] = storage.headline(res)
         if bench in MODULES and "error" not in res:
-            common.write_json(path, res)
-            (out / f"{bench}.md").write_text(MODULES[bench].markdown(res) + "\n")
+            MODULES[bench].write_outputs(res, out)
         results[bench] = res
     report["headline"] = headlines(results)
     report["caveats"] = CAVEATS
@@ -320,13 +326,25 @@ def main(argv: list[str] | None = None) -> int:
                     print(mod.summary_line(res), flush=True)
                 results[bench] = res
                 status[bench] = {"status": res.get("status", "ok")}
-            except Exception as e:  # one failure must not lose the others' results
+            except (Exception, SystemExit) as e:  # one failure must not lose the others
                 logger.exception("%s failed", bench)
                 results[bench] = {"error": f"{type(e).__name__}: {e}"}
                 status[bench] = {"status": f"failed: {type(e).__name__}: {str(e)[:300]}"}
             status[bench]["wall_s"] = round(time.perf_counter() - tb, 1)
             if bench in argvs:
                 status[bench]["argv"] = argvs[bench]
+    for bench in BENCHES:  # results of earlier invocations into the same directory
+        path = out / f"{bench}.json"
+        if bench not in results and path.exists():
+            results[bench] = json.loads(path.read_text())
+            status[bench] = {
+                "status": "ok (from an earlier invocation)",
+                "wall_s": results[bench].get("wall_s", 0.0),
+            }
+    previous = (
+        json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    )
+    commands = [*previous.get("commands", []), command]
     models = {
         b: (results.get(b) or {}).get("config", {}).get("model") for b in MODULES if b in results
     }
@@ -335,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": date,
         "quick": args.quick,
         "command": command,
+        "commands": commands,
         "wall_s": round(time.perf_counter() - t0, 1),
+        "benchmarks_wall_s": round(sum(float(v.get("wall_s") or 0) for v in status.values()), 1),
         "machine": common.machine_info(),
         "load_start": load_start,
         "git": git_state(),

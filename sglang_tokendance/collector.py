@@ -14,30 +14,34 @@ Round lifecycle (tokendance mode)::
            reuse agent:  its recomputed slots become its mirrors (the diff)
          when the last master agent is done, the waiting agents get layouts and run.
 
-Recompute sets are collective: chosen once per (round, segment) and shared by all agents.
-"leading" (EPIC-style) takes the first ceil(ratio * L) tokens of the segment. In ``pic`` mode
-(the per-request baseline) there is no round: each request plans alone, and keeps a dense
-private copy of every segment instead of referencing the master.
+Recompute sets are collective: chosen once per (round, segment) and shared by all agents
+(:mod:`.selection`: leading tokens, or by deviation scores that the master agent's forward
+measured at the check layer). With the ``author`` master policy a segment that contains an
+agent's previous output reuses that output's decode-time KV as its master (no master agent).
+In ``pic`` mode (the per-request baseline) there is no round: each request plans alone, and
+keeps a dense private copy of every segment instead of referencing the master.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from sglang_tokendance.attention.deviation import get_probe_board
 from sglang_tokendance.cache.layout import RowLayout, SharedUse
 from sglang_tokendance.config import TokenDanceConfig
 from sglang_tokendance.hints import find_action, parse_payload
+from sglang_tokendance.selection import select_recompute
 
 logger = logging.getLogger(__name__)
 
 ATTR = "tokendance_layout"
 MASTER_ATTR = "tokendance_master"
+PROBES_ATTR = "tokendance_probes"  # [(seg_id, start, end)] scored during a master's prefill
 
 
 def layout_of(req: Any) -> RowLayout | None:
@@ -51,6 +55,7 @@ class RoundState:
     round_id: str
     seg_tokens: dict[str, tuple[int, ...]]
     recompute: dict[str, torch.Tensor] = field(default_factory=dict)
+    nodes: dict[str, Any] = field(default_factory=dict)  # seg_id -> authored master
     masters_pending: set[str] = field(default_factory=set)  # rids of master agents
     waiting: list[Any] = field(default_factory=list)  # reqs waiting for masters
     started: float = field(default_factory=time.monotonic)
@@ -65,20 +70,12 @@ class Counters:
     reused_tokens: int = 0
     recompute_tokens: int = 0
     masters_created: int = 0
+    author_masters_used: int = 0
+    deviation_selections: int = 0  # recompute sets chosen with deviation scores
+    nonleading_selections: int = 0  # ... that differ from the leading tokens
     collector_s: float = 0.0
     barrier_wait_s: float = 0.0
     per_round: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-def select_recompute(length: int, ratio: float, selection: str) -> torch.Tensor:
-    """Segment-local indices recomputed for every agent (collective selection).
-
-    "leading" (the only policy so far): the first ``ceil(ratio * length)`` tokens.
-    """
-    if selection != "leading":
-        raise ValueError(f"unknown recompute selection {selection!r}")
-    k = min(length, math.ceil(ratio * length))
-    return torch.arange(k, dtype=torch.int64)
 
 
 class Collector:
@@ -89,6 +86,8 @@ class Collector:
         self.cache = tree_cache
         self.rounds: dict[str, RoundState] = {}
         self.counters = Counters()
+        tree_cache.publish_outputs = cfg.master_policy == "author" and cfg.active
+        self.probes = get_probe_board(tree_cache.req_to_token_pool)
 
     # ---- hints -> layouts ---------------------------------------------------------------
     def parse(self, req: Any) -> RowLayout | None:
@@ -119,20 +118,23 @@ class Collector:
             for use in lay.shared:
                 seg_tokens.setdefault(use.seg_id, tuple(lay.true_ids[use.start : use.end]))
         state = RoundState(round_id, seg_tokens)
-        for seg_id, toks in seg_tokens.items():
-            state.recompute[seg_id] = select_recompute(
-                len(toks), self.cfg.recompute_ratio, self.cfg.selection
-            )
         missing = {s for s, t in seg_tokens.items() if self.cache.lookup_segment(t) is None}
+        for seg_id in sorted(missing):
+            hit = self._authored(seg_tokens[seg_id])
+            if hit is not None:
+                state.nodes[seg_id] = hit.node
+                missing.discard(seg_id)
+                for _, lay in layouts:
+                    for use in lay.shared:
+                        if use.seg_id == seg_id:
+                            _narrow(use, hit)
         now: list[Any] = []
         for req, lay in layouts:
-            authored = [u for u in lay.shared if u.seg_id in missing]
-            if authored:
+            computes = [u for u in lay.shared if u.seg_id in missing]
+            if computes:
                 # Phase A: full prefill in this agent's context; its rows become the masters.
-                setattr(req, MASTER_ATTR, authored)
-                setattr(req, ATTR, None)
-                req.tokendance_insert_cap = min(u.start for u in lay.shared)
-                missing -= {u.seg_id for u in authored}
+                self._make_master_agent(req, computes, min(u.start for u in lay.shared))
+                missing -= {u.seg_id for u in computes}
                 state.masters_pending.add(req.rid)
                 now.append(req)
             else:
@@ -143,12 +145,45 @@ class Collector:
         self.counters.collector_s += time.perf_counter() - t0
         return now
 
+    def _make_master_agent(self, req: Any, computes: list[SharedUse], insert_cap: int) -> None:
+        setattr(req, MASTER_ATTR, computes)
+        setattr(req, ATTR, None)
+        req.tokendance_insert_cap = insert_cap
+        if self.cfg.selection != "leading":
+            setattr(req, PROBES_ATTR, [(u.seg_id, u.start, u.end) for u in computes])
+
+    def _authored(self, toks: tuple[int, ...]) -> Any:
+        if self.cfg.master_policy != "author":
+            return None
+        hit = self.cache.find_authored(toks)
+        if hit is not None:
+            self.counters.author_masters_used += 1
+        return hit
+
+    def _recompute(self, use: SharedUse) -> torch.Tensor:
+        """The recompute set of ``use``'s span (deviation scores come with its master)."""
+        scores = None
+        node = use.node
+        if node is not None and node.deviation is not None:
+            scores = node.deviation[use.node_offset : use.node_offset + use.end - use.start]
+            self.counters.deviation_selections += self.cfg.selection != "leading"
+        chosen = select_recompute(
+            use.end - use.start, self.cfg.recompute_ratio, self.cfg.selection, scores
+        )
+        if chosen.numel() and int(chosen[-1]) != chosen.numel() - 1:
+            self.counters.nonleading_selections += 1
+        return chosen
+
     def _release_waiting(self, state: RoundState) -> list[Any]:
         out = []
         for req in state.waiting:
             lay = layout_of(req)
             for use in lay.shared:
-                use.node = self.cache.lookup_segment(state.seg_tokens[use.seg_id])
+                use.node = state.nodes.get(use.seg_id) or self.cache.lookup_segment(
+                    state.seg_tokens[use.seg_id]
+                )
+                if use.seg_id not in state.recompute:  # once per segment: collective
+                    state.recompute[use.seg_id] = self._recompute(use)
                 use.recompute = state.recompute[use.seg_id]
             out.append(req)
         state.waiting = []
@@ -161,15 +196,15 @@ class Collector:
         for use in lay.shared:
             toks = tuple(lay.true_ids[use.start : use.end])
             use.node = self.cache.lookup_segment(toks)
-            use.recompute = select_recompute(
-                len(toks), self.cfg.recompute_ratio, self.cfg.selection
-            )
+            if use.node is None:
+                hit = self._authored(toks)
+                if hit is not None:
+                    _narrow(use, hit)
+            use.recompute = self._recompute(use)
         lay.dense_copy = self.cfg.mode == "pic"
         missing = [u for u in lay.shared if u.node is None]
         if missing and len(missing) == len(lay.shared):
-            setattr(req, MASTER_ATTR, missing)
-            setattr(req, ATTR, None)
-            req.tokendance_insert_cap = lay.prefix_len
+            self._make_master_agent(req, missing, lay.prefix_len)
 
     # ---- after a prefill forward ------------------------------------------------------------
     def on_prefill_done(self, req: Any) -> list[Any]:
@@ -177,7 +212,8 @@ class Collector:
         authored = getattr(req, MASTER_ATTR, None)
         if authored:
             setattr(req, MASTER_ATTR, None)
-            self._promote(req, authored, None)
+            probes = self.probes.pop(req.kv.req_pool_idx)
+            self._promote(req, authored, None, probes)
             return self._master_done(req)
         lay = layout_of(req)
         if lay is not None:
@@ -215,7 +251,13 @@ class Collector:
                     freed += self._release_waiting(state)
         return freed
 
-    def _promote(self, req: Any, authored: list[SharedUse], row_pos: torch.Tensor | None) -> None:
+    def _promote(
+        self,
+        req: Any,
+        authored: list[SharedUse],
+        row_pos: torch.Tensor | None,
+        probes: dict[str, Any] | None = None,
+    ) -> None:
         row = req.kv.req_pool_idx
         if row is None:
             return
@@ -234,6 +276,9 @@ class Collector:
             slots = row_slots[idx].to(torch.int64).clone()
             pos = torch.arange(use.start, use.end, dtype=torch.int32)
             res = self.cache.insert_segment(toks, slots, pos)
+            probe = (probes or {}).get(use.seg_id)
+            if probe is not None and probe.complete and res.node.deviation is None:
+                res.node.deviation = probe.scores
             if res.inserted:
                 self.cache.claim_row_ranges(row, _runs(idx))
                 self.cache.pin_segment(res.node, row)
@@ -259,9 +304,18 @@ class Collector:
             order = torch.argsort(lay.row_pos[idx])
             idx = idx[order]
             slots = row_slots[idx].to(torch.int64).clone()
-            self.cache.attach_mirror(lay.round_id, lay.agent, use.node, use.recompute, slots)
+            indices = use.recompute + use.node_offset
+            self.cache.attach_mirror(lay.round_id, lay.agent, use.node, indices, slots)
             ranges = _runs(idx)
             self.cache.claim_row_ranges(row, ranges)
+
+
+def _narrow(use: SharedUse, hit: Any) -> None:
+    """Shrink ``use`` to the span an authored master covers; the wrapper tokens go fresh."""
+    use.start += hit.seg_offset
+    use.end = use.start + hit.length
+    use.node = hit.node
+    use.node_offset = hit.node_offset
 
 
 def _runs(idx: torch.Tensor) -> list[tuple[int, int]]:

@@ -8,10 +8,8 @@ from typing import Any, Literal
 
 Mode = Literal["tokendance", "pic", "off"]
 MODES: tuple[str, ...] = ("tokendance", "pic", "off")
-# Implemented so far; CacheBlend-style "deviation" and the author's decode-time KV as master
-# ("author") are planned and refused until they exist.
-SELECTIONS: tuple[str, ...] = ("leading",)
-MASTER_POLICIES: tuple[str, ...] = ("fresh",)
+SELECTIONS: tuple[str, ...] = ("leading", "deviation", "both")  # see selection.py
+MASTER_POLICIES: tuple[str, ...] = ("fresh", "author")
 DEFAULT_SEPARATOR = "<|td|>"
 
 
@@ -120,21 +118,27 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--tokendance-selection",
         choices=SELECTIONS,
         default=d.selection,
-        help="How the recompute set is chosen: the leading ceil(ratio * L) tokens of each shared "
-        "segment (EPIC-style), the same indices for every agent of the round.",
+        help="How the recompute set of each shared segment is chosen, once for every agent of "
+        "the round: leading = its first ceil(ratio * L) tokens (EPIC-style); deviation = the "
+        "tokens whose check-layer attention output deviates most without their context, "
+        "measured when the master is computed (CacheBlend-style); both = half leading, half "
+        "by deviation. Default %(default)s.",
     )
     g.add_argument(
         "--tokendance-master-policy",
         choices=MASTER_POLICIES,
         default=d.master_policy,
-        help="Where a shared segment's master KV comes from: computed once per round, in the "
-        "context of the first agent holding it (fresh).",
+        help="Where a shared segment's master KV comes from: fresh = computed once per round "
+        "in the context of the first agent holding it; author = the KV its author produced "
+        "while generating it, when the segment contains that agent's output tokens and the KV "
+        "is still cached (round-spanning reuse), else fresh. Default %(default)s.",
     )
     g.add_argument(
         "--tokendance-check-layer",
         type=int,
         default=d.check_layer,
-        help="Layer at which KV deviation will be measured (reserved for deviation selection).",
+        help="Layer at which deviation is measured for --tokendance-selection deviation/both "
+        "(clamped to the model's last layer). Default %(default)s.",
     )
     g.add_argument(
         "--tokendance-separator",

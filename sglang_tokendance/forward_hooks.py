@@ -2,6 +2,8 @@
 
 - ``ScheduleBatch.prepare_for_extend`` (after): rows now exist; the tree cache records each
   laid-out row's true positions and its claims (:func:`cache.laid_out.on_rows_allocated`).
+  Rows of master agents that carry deviation probes (``req.tokendance_probes``) are put on the
+  probe board, which the attention backend fills at the check layer.
 - ``ForwardBatch.init_new`` (after): extend tokens of laid-out rows take their positions from
   ``req_to_pos`` instead of ``prefix_len + arange``. Batches without laid-out rows are untouched.
 """
@@ -12,7 +14,23 @@ from typing import Any
 
 import torch
 
+from sglang_tokendance.attention.deviation import get_probe_board
 from sglang_tokendance.positions import get_position_table
+
+PROBES_ATTR = "tokendance_probes"  # set by the collector (collector.PROBES_ATTR)
+
+
+def register_probes(reqs: list[Any], req_to_token_pool: Any) -> None:
+    """Put the probes of requests that have rows now on the board (idempotent per chunk)."""
+    board = None
+    for req in reqs:
+        spans = getattr(req, PROBES_ATTR, None)
+        row = req.kv.req_pool_idx
+        if not spans or row is None:
+            continue
+        board = board or get_probe_board(req_to_token_pool)
+        for key, start, end in spans:
+            board.add(int(row), key, start, end)
 
 
 def fix_extend_positions(forward_batch: Any, req_to_token_pool: Any) -> None:
@@ -45,6 +63,7 @@ def install_hooks() -> None:
         fn = getattr(cache, "on_rows_allocated", None)
         if fn is not None:
             fn(batch.reqs)
+            register_probes(batch.reqs, batch.req_to_token_pool)
 
     def after_init_new(result: Any, cls: Any, batch: Any, model_runner: Any, *a: Any, **k: Any):
         fix_extend_positions(result, model_runner.req_to_token_pool)

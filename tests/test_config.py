@@ -48,8 +48,8 @@ def test_mode_off_is_enabled_but_not_active() -> None:
     [
         ({"recompute_ratio": -0.1}, "must be in \\[0, 1\\]"),
         ({"mode": "dense"}, "must be one of"),
-        ({"selection": "deviation"}, "--tokendance-selection must be one of"),
-        ({"master_policy": "author"}, "--tokendance-master-policy must be one of"),
+        ({"selection": "random"}, "--tokendance-selection must be one of"),
+        ({"master_policy": "oracle"}, "--tokendance-master-policy must be one of"),
         ({"separator": ""}, "non-empty"),
     ],
 )

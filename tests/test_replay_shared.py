@@ -24,7 +24,8 @@ def shared_server(
     srv = _servers.get("td")
     if srv is None:
         log = tmp_path_factory.mktemp("shared-server") / "server.log"
-        srv = ServerProcess(model, ["--enable-tokendance"], log_path=log)
+        flags = ["--enable-tokendance", "--tokendance-selection", "both"]
+        srv = ServerProcess(model, [*flags, "--tokendance-master-policy", "author"], log_path=log)
         request.session.addfinalizer(srv.stop)
         srv.start()
         _servers["td"] = srv

@@ -26,12 +26,21 @@ def _server(model: Path, tmp: Path, name: str, flags: list[str]) -> ServerProces
 
 @pytest.fixture(scope="module")
 def servers(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, request):
-    """mode off, tokendance at ratio 1.0, pic at 1.0, and the shared tokendance server (0.15,
-    round timeout 2000 ms), all on one model."""
+    """mode off, tokendance at ratio 1.0 (deviation selection, author masters), pic at 1.0, and
+    the shared tokendance server (0.15, "both" selection, author masters, round timeout
+    2000 ms), all on one model."""
     tmp = tmp_path_factory.mktemp("round-servers")
     specs = {
         "off": ["--enable-tokendance", "--tokendance-mode", "off"],
-        "td_full": ["--enable-tokendance", "--tokendance-recompute-ratio", "1.0"],
+        "td_full": [
+            "--enable-tokendance",
+            "--tokendance-recompute-ratio",
+            "1.0",
+            "--tokendance-selection",
+            "deviation",
+            "--tokendance-master-policy",
+            "author",
+        ],
         "pic_full": [
             "--enable-tokendance",
             "--tokendance-mode",
@@ -190,7 +199,7 @@ def test_round_size_mismatch_is_refused(servers) -> None:
 
 
 def test_recompute_set_size_matches_ratio() -> None:
-    from sglang_tokendance.collector import select_recompute
+    from sglang_tokendance.selection import select_recompute
 
     assert select_recompute(40, 0.15, "leading").tolist() == list(range(math.ceil(6.0)))
     assert select_recompute(3, 1.0, "leading").tolist() == [0, 1, 2]
@@ -217,3 +226,62 @@ def test_permuted_row_gives_the_same_tokens_as_full_prefill(servers) -> None:
     # the reuse agent really read master slots: cached tokens include reused ones
     reused = [r["meta_info"]["cached_tokens"] for r in td]
     assert max(reused) > 0
+
+
+def _closed_loop(url: str, hints: bool, tag: str, between=None) -> list[list[dict]]:
+    """Two rounds of 4 agents; round 2's shared segments wrap round 1's generated texts
+    ("name: text\n"), in a different order per agent, as an All-Gather application does."""
+    trace = generative_agents(agents=4, rounds=1, seed=21, private_words=30, shared_words=12)
+    reqs = trace.rounds()[1]
+    r1 = run_round(url, round_bodies(reqs, f"{tag}r1", hints, 10))
+    if between is not None:
+        between()
+    said = {r.agent: f"\n{r.agent}: {o['text']}\n" for r, o in zip(reqs, r1, strict=True)}
+    bodies = []
+    sp = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    for i, r in enumerate(reqs):
+        order = [reqs[(i + j) % len(reqs)].agent for j in range(len(reqs))]
+        segs = [("private", None, f"You are {r.agent}. Earlier today:")]
+        segs += [("shared", f"{tag}/{a}", said[a]) for a in order]
+        segs.append(("private", None, f" {r.agent} replies:"))
+        text, env = build_request(segs, f"{tag}r2", len(reqs), r.agent)
+        bodies.append({"text": text, "sampling_params": sp} | ({"kv_hints": env} if hints else {}))
+    return [r1, run_round(url, bodies)]
+
+
+def test_closed_loop_reuses_the_authors_output_kv_and_stays_exact_at_ratio_1(servers) -> None:
+    off = _closed_loop(servers["off"].url, False, "cl")
+    before = stats(servers["td_full"].url)
+    td = _closed_loop(servers["td_full"].url, True, "cl")
+    assert _ids(td) == _ids(off)
+    s = stats(servers["td_full"].url)
+    assert s["author_masters_used"] > before["author_masters_used"]
+    assert s["integrity"] == "ok"
+
+
+def test_author_masters_replace_fresh_masters_in_the_next_round(servers) -> None:
+    url = servers["td"].url
+    mid: dict = {}
+    out = _closed_loop(url, True, "au", between=lambda: mid.update(stats(url)))
+    s = stats(url)
+    used = s["author_masters_used"] - mid["author_masters_used"]
+    created = s["masters_created"] - mid["masters_created"]
+    assert used >= 1
+    # each of round 2's 4 segments got exactly one master: an author's output KV or a fresh one
+    assert used + created == 4
+    assert s["per_round"][-1]["round"] == "aur2"
+    assert all(len(o["output_ids"]) == 6 for o in out[1])
+    assert s["integrity"] == "ok"
+
+
+def test_deviation_selection_scores_masters_once_and_picks_non_leading_tokens(servers) -> None:
+    url = servers["td"].url
+    before = stats(url)
+    trace = generative_agents(agents=6, rounds=1, seed=8, private_words=30, shared_words=30)
+    run_round(url, round_bodies(trace.rounds()[1], "dev1", True, 2))
+    s = stats(url)
+    # 6 segments, each scored by its master agent's forward, used for the 5 other agents
+    assert s["deviation_selections"] - before["deviation_selections"] == 6
+    assert s["nonleading_selections"] > before["nonleading_selections"]
+    assert s["store_last_round"]["mirrors"] == 5 * 6
+    assert s["integrity"] == "ok"

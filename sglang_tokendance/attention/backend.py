@@ -23,8 +23,9 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from sglang_tokendance.attention.deviation import context_deviation, get_probe_board
 from sglang_tokendance.attention.rope import RopeParams, rope_params_from_model
-from sglang_tokendance.attention.torch_path import RowKeys, attend_sdpa, plan_row
+from sglang_tokendance.attention.torch_path import RowKeys, attend_sdpa, gather_keys, plan_row
 from sglang_tokendance.positions import PositionTable, get_position_table
 
 if TYPE_CHECKING:
@@ -64,7 +65,14 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
         from sglang_tokendance.plugin import get_config
 
         server_args = getattr(model_runner, "server_args", None)
-        self.uniform = bool(server_args is not None and get_config(server_args).uniform_attention)
+        cfg = get_config(server_args) if server_args is not None else None
+        self.uniform = bool(cfg is not None and cfg.uniform_attention)
+        # Deviation probes (selection "deviation"/"both"): scored at the check layer, clamped
+        # to the model's last layer.
+        self.probes = get_probe_board(model_runner.req_to_token_pool)
+        layers = getattr(getattr(model_runner, "model_config", None), "num_hidden_layers", None)
+        check = cfg.check_layer if cfg is not None else 1
+        self.probes.check_layer = min(check, layers - 1) if layers else check
 
     @property
     def rope(self) -> RopeParams:
@@ -164,6 +172,58 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
         forward_batch: ForwardBatch,
         save_kv_cache: bool = True,
         **kwargs: Any,
+    ) -> torch.Tensor:
+        o = self._extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if self.probes.rows and layer.layer_id == self.probes.check_layer:
+            self._run_probes(q, layer, forward_batch)
+        return o
+
+    def _run_probes(self, q: torch.Tensor, layer: RadixAttention, fb: ForwardBatch) -> None:
+        """Fill the deviation probes of this batch's rows (reads KV only; see deviation.py)."""
+        if not self._positional(layer, fb):
+            return
+        idx = fb.req_pool_indices_cpu
+        rows = [int(r) for r in (fb.req_pool_indices if idx is None else idx).tolist()]
+        if self.probes.rows.keys().isdisjoint(rows):
+            return
+        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        seq_lens = _as_list(fb.seq_lens_cpu, fb.seq_lens)
+        ext_lens = _as_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens)
+        start = 0
+        for i, row in enumerate(rows):
+            end = start + ext_lens[i]
+            probes = self.probes.rows.get(row)
+            if probes:
+                qpos = fb.positions[start:end].long()
+                plan = self._plan(row, seq_lens[i])
+                keys = gather_keys(k_cache, plan, self.rope)
+                values = v_cache[plan.slots]
+                for p in probes.values():
+                    sel = torch.nonzero((qpos >= p.start) & (qpos < p.end)).flatten()
+                    if sel.numel() == 0:
+                        continue
+                    dev = context_deviation(
+                        q_[start:end][sel],
+                        keys,
+                        values,
+                        qpos[sel],
+                        plan.key_pos,
+                        p.start,
+                        layer.scaling,
+                    )
+                    p.scores[(qpos[sel] - p.start).cpu()] = dev.cpu()
+            start = end
+
+    def _extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool,
     ) -> torch.Tensor:
         rows = self._layout_rows(forward_batch)
         if rows is None or not self._positional(layer, forward_batch):

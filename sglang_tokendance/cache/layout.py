@@ -32,7 +32,9 @@ class SharedUse:
         seg_id: the hint's id of the segment.
         start, end: token span in the true prompt.
         node: the master to reuse (None: no master yet, the segment is computed fresh).
-        recompute: segment-local token indices recomputed in this agent's context (sorted).
+        recompute: span-local token indices recomputed in this agent's context (sorted).
+        node_offset: the span reuses ``node``'s tokens ``node_offset .. node_offset + (end -
+            start)`` (nonzero when an author's output KV covers part of a wrapped segment).
     """
 
     seg_id: str
@@ -40,6 +42,7 @@ class SharedUse:
     end: int
     node: AllGatherNode | None = None
     recompute: torch.Tensor | None = None
+    node_offset: int = 0
 
 
 @dataclass(slots=True)
@@ -91,7 +94,7 @@ def plan_row(layout: RowLayout, cached_len: int) -> RowPlan:
         if use.node is None:
             continue
         length = use.end - use.start
-        assert len(use.node.token_ids) == length, "master length differs from the segment"
+        assert use.node_offset + length <= use.node.length, "span runs past its master"
         keep = torch.ones(length, dtype=torch.bool)
         if use.recompute is not None and use.recompute.numel():
             keep[use.recompute] = False
@@ -101,7 +104,7 @@ def plan_row(layout: RowLayout, cached_len: int) -> RowPlan:
         if idx.numel() == 0:
             continue
         reused_pos.append(idx + use.start)
-        reused_slots.append(use.node.master_slots[idx].to(torch.int64))
+        reused_slots.append(use.node.master_slots[idx + use.node_offset].to(torch.int64))
         reused_mask[idx + use.start] = True
         nodes.append(use.node)
     prefix = torch.arange(cached_len, dtype=torch.int64)

@@ -65,6 +65,9 @@ class AllGatherNode:
         pin_count: running requests whose rows read the master slots.
         last_access: last-access timestamp, on the radix tree's clock (see ``SegmentStore``).
         evicted: set once the master slots are freed; the record must not be used after.
+        deviation: float ``[L]`` per-token deviation scores measured when the master was
+            computed (``selection.py``), or None.
+        authored_by: the agent whose decode-time KV this master is (author policy), or None.
     """
 
     node_id: SegmentId
@@ -76,6 +79,8 @@ class AllGatherNode:
     pin_count: int = 0
     last_access: float = 0.0
     evicted: bool = False
+    deviation: torch.Tensor | None = None
+    authored_by: str | None = None
 
     @property
     def length(self) -> int:

@@ -36,8 +36,10 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
+from ..attention.deviation import get_probe_board
 from ..positions import PositionTable, get_position_table
 from . import laid_out
+from .authored import AuthoredHit, AuthoredIndex
 from .integrity import cache_problems, kv_bytes_per_token
 from .nodes import AllGatherNode, HashFn, Mirror, token_hash
 from .rows import Range, RowClaim, subtract_ranges
@@ -83,6 +85,10 @@ class TokenDanceRadixCache(RadixCache):
         self._rows: dict[int, RowClaim] = {}
         self._borrowed_tokens = 0
         self._agent_rounds: dict[str, list[str]] = {}
+        self.authored = AuthoredIndex()
+        # Set by the collector (master policy "author"): a finished TokenDance request's output
+        # KV becomes a master instead of being freed.
+        self.publish_outputs = False
         super().__init__(params)
         self.positions: PositionTable | None = None
         if params.req_to_token_pool is not None and params.token_to_kv_pool_allocator is not None:
@@ -102,6 +108,7 @@ class TokenDanceRadixCache(RadixCache):
         self._rows.clear()
         self._borrowed_tokens = 0
         self._agent_rounds.clear()
+        self.authored.clear()
         positions = getattr(self, "positions", None)
         if positions is not None:
             for row in list(positions.laid_out_rows):
@@ -163,6 +170,8 @@ class TokenDanceRadixCache(RadixCache):
 
     def checkpoint(self, req: Req, *, up_to: int) -> None:
         """Insert only the true-order prefix of a laid-out row (DESIGN invariant)."""
+        if self.publish_outputs and req.finished() and getattr(req, AGENT_ATTR, None):
+            self.publish_output(req, up_to)
         limit = self._insert_limit(req.kv.req_pool_idx)
         # A TokenDance request publishes at most its true-order private prefix: a chunked
         # prefill's intermediate checkpoint must not hand shared-segment slots to the tree
@@ -176,6 +185,34 @@ class TokenDanceRadixCache(RadixCache):
         lay = laid_out.layout_of(req)
         if lay is not None and req.finished():
             laid_out.insert_true_prefix(self, req, lay)
+
+    def publish_output(self, req: Req, up_to: int) -> AllGatherNode | None:
+        """Make a finished request's output KV (row ``[n, up_to)``) a master (author policy).
+
+        The slots are claimed in the row, so releasing the request hands them to the store
+        instead of the allocator. Returns the new master, or None (too short, or an equal
+        master exists: the request then frees its own copy as usual).
+        """
+        row, n = req.kv.req_pool_idx, len(req.origin_input_ids)
+        m = min(up_to - n, len(req.output_ids))
+        if row is None or m < 4 or n < req.kv.cache_protected_len:
+            return None
+        slots = self.req_to_token_pool.req_to_token[row, n : n + m].to(torch.int64).clone()
+        if self.positions is not None:
+            pos = self.positions.slot_pos[slots].to(torch.int32).cpu()
+        else:
+            pos = torch.arange(n, n + m, dtype=torch.int32)
+        res = self.store.insert(tuple(int(t) for t in req.output_ids[:m]), slots.cpu(), pos)
+        if not res.inserted:
+            return None
+        res.node.authored_by = getattr(req, AGENT_ATTR)[0]
+        self.claim_row_ranges(row, [(n, n + m)])
+        self.authored.add(res.node)
+        return res.node
+
+    def find_authored(self, token_ids: TokenIds) -> AuthoredHit | None:
+        """An authored master whose tokens are a sub-span of ``token_ids`` (authored.py)."""
+        return self.authored.find(token_ids)
 
     def free_kv_row(self, kv: Any, ranges: list[tuple[int, int]]) -> None:
         """Free the row ranges, skipping claimed (master / mirror) entries."""
@@ -293,6 +330,7 @@ class TokenDanceRadixCache(RadixCache):
                 self.store.unpin(node)
         if self.positions is not None and self.positions.has_layout(req_pool_idx):
             self.positions.clear_layout(req_pool_idx)
+        get_probe_board(self.req_to_token_pool).pop(req_pool_idx)  # unread probes die here
 
     def row_claims(self) -> dict[int, RowClaim]:
         """The claims of running rows, by ``req_pool_idx`` (a copy of the table)."""

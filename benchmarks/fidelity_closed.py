@@ -1,0 +1,106 @@
+"""Closed-loop fidelity: round r+1 built from what the server generated in round r.
+
+The master policy ``author`` reuses the KV an agent produced while generating its output as the
+master of the next round's segment that quotes it. That only happens in closed loop (the next
+round's shared segments are the server's own outputs), so open-loop fidelity cannot see it.
+Here, per tokendance server:
+
+1. round r (hinted, greedy) on the tokendance server: its outputs;
+2. round r+1 rebuilt from them (``replay.runner.closed_loop_segments``, as the replayer's
+   ``--closed-loop`` does), sent hinted to the tokendance server (passes A and B, each after
+   replaying round r again from a flushed cache, so the authored KV is there);
+3. the same round r+1 prompts, without hints, to the mode-off server: the reference.
+
+Both servers see byte-identical round r+1 prompts, so the comparison isolates the reuse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks import common
+
+
+def next_round_trace(trace: Any, rnd: int, generated: dict[str, str]) -> Any:
+    """A one-round trace: round ``rnd + 1`` with round ``rnd``'s outputs replaced."""
+    from sglang_tokendance.replay.runner import closed_loop_segments
+    from sglang_tokendance.trace.format import Trace, TraceRequest
+
+    rounds = trace.rounds()
+    recorded = {r.agent: r.output for r in rounds[rnd]}
+    reqs = [
+        TraceRequest(r.round, r.agent, closed_loop_segments(r, generated, recorded), r.max_tokens)
+        for r in rounds[rnd + 1]
+    ]
+    return Trace(trace.header, reqs)
+
+
+def _generate_round(url: str, trace: Any, rnd: int, g: int) -> dict[str, str]:
+    res = common.run_rounds(
+        url, trace, common.run_prefix("cl"), [rnd], max_new_tokens=g, stream=False
+    )
+    return {r.agent: r.text for r in res[0][1] if r.ok}
+
+
+def collect(a: list, b: list) -> dict[tuple, dict]:
+    """Pass A and B replies (``run_rounds`` results, same requests) -> per (round, agent):
+    first-token logprobs (A), greedy ids (B), cache hits of both."""
+    out: dict[tuple, dict] = {}
+    for (_, reps_a), (_, reps_b) in zip(a, b, strict=True):
+        for ra, rb in zip(reps_a, reps_b, strict=True):
+            out[(ra.round, ra.agent)] = {
+                "error": ra.error or rb.error,
+                "top": {int(t[1]): float(t[0]) for t in (ra.first_top_logprobs or [])},
+                "first": ra.output_ids[0] if ra.output_ids else None,
+                "ids": rb.output_ids,
+                "cached_a": ra.cached_tokens,
+                "cached_b": rb.cached_tokens,
+                "prompt_tokens": ra.prompt_tokens,
+            }
+    return out
+
+
+def closed_passes(
+    td_url: str, off_url: str, trace: Any, rnd: int, k: int, g: int
+) -> tuple[dict[tuple, dict], dict[tuple, dict], dict[str, Any]]:
+    """(reference, tokendance, info) results of round ``rnd + 1`` in closed loop.
+
+    ``info`` has the tokendance server's authored-master counters for the run.
+    """
+    extra = {"return_logprob": True, "top_logprobs_num": k, "logprob_start_len": -1}
+    common.flush_cache(td_url)
+    before = common.get_stats(td_url)
+    generated = _generate_round(td_url, trace, rnd, g)
+    nxt = next_round_trace(trace, rnd, generated)
+    r2 = [rnd + 1]
+    a = common.run_rounds(
+        td_url, nxt, common.run_prefix("cla"), r2, max_new_tokens=1, extra=extra, stream=False
+    )
+    mid = common.get_stats(td_url)
+    common.flush_cache(td_url)
+    _generate_round(td_url, trace, rnd, g)
+    b = common.run_rounds(td_url, nxt, common.run_prefix("clb"), r2, max_new_tokens=g, stream=False)
+    common.flush_cache(off_url)
+    ra = common.run_rounds(
+        off_url,
+        nxt,
+        common.run_prefix("cra"),
+        r2,
+        hints=False,
+        max_new_tokens=1,
+        extra=extra,
+        stream=False,
+    )
+    common.flush_cache(off_url)
+    rb = common.run_rounds(
+        off_url, nxt, common.run_prefix("crb"), r2, hints=False, max_new_tokens=g, stream=False
+    )
+    segs = sum(len({s.id for s in r.shared_segments()}) for r in nxt.rounds()[rnd + 1][:1])
+    info = {
+        "round": rnd + 1,
+        "author_masters_used": mid.get("author_masters_used", 0)
+        - before.get("author_masters_used", 0),
+        "masters_created": mid.get("masters_created", 0) - before.get("masters_created", 0),
+        "shared_segments_per_request": segs,
+    }
+    return collect(ra, rb), collect(a, b), info

@@ -1,0 +1,112 @@
+"""Deviation probes: how much each shared-segment token depends on what came before it.
+
+CacheBlend chooses the tokens to recompute by the deviation of their KV at an early "check
+layer" between the reused and the in-context computation. TokenDance chooses once per segment
+for all agents, so it measures, once, during the forward that computes the segment's master
+(an ordinary full prefill of the master agent), at the check layer, for every token ``i`` of
+the segment ``[a, b)``::
+
+    o_full(i) = attention of i over every key at positions <= i      (what the master holds)
+    o_seg(i)  = attention of i over keys at positions a .. i only    (the segment alone)
+    deviation(i) = |o_full(i) - o_seg(i)| / |o_full(i)|               (per token, all heads)
+
+A token whose check-layer output changes a lot when its context is taken away has KV (from the
+next layer on) that depends on that context: in another agent's context it deviates most, so
+it is recomputed first. The probe only reads the KV the forward has already written; the
+forward's own outputs are untouched.
+
+The :class:`ProbeBoard` carries requests from the scheduler side (which knows rows and
+segments) to the attention backend (which sees only the batch), and scores back. It hangs off
+SGLang's ``ReqToTokenPool`` like the position table (one scheduler process per GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+
+_ATTR = "_tokendance_probes"
+
+
+@dataclass(slots=True)
+class Probe:
+    """One segment span ``[start, end)`` (true positions) of one row to score."""
+
+    key: str
+    start: int
+    end: int
+    scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    def __post_init__(self) -> None:
+        if self.scores.numel() == 0:
+            self.scores = torch.full((self.end - self.start,), float("nan"))
+
+    @property
+    def complete(self) -> bool:
+        return not bool(torch.isnan(self.scores).any())
+
+
+class ProbeBoard:
+    """Probes by request row; the backend fills them at ``check_layer``."""
+
+    def __init__(self) -> None:
+        self.check_layer = 1
+        self.rows: dict[int, dict[str, Probe]] = {}
+
+    def add(self, row: int, key: str, start: int, end: int) -> None:
+        """Ask for scores of ``[start, end)`` of ``row`` (idempotent per ``(row, key)``)."""
+        if end <= start:
+            raise ValueError(f"empty probe span [{start}, {end})")
+        self.rows.setdefault(row, {}).setdefault(key, Probe(key, start, end))
+
+    def pop(self, row: int | None) -> dict[str, Probe]:
+        """The row's probes (filled or not), forgetting them."""
+        if row is None:
+            return {}
+        return self.rows.pop(row, {})
+
+
+def get_probe_board(req_to_token_pool: object) -> ProbeBoard:
+    """The board attached to ``req_to_token_pool`` (created on first use)."""
+    board = getattr(req_to_token_pool, _ATTR, None)
+    if board is None:
+        board = ProbeBoard()
+        setattr(req_to_token_pool, _ATTR, board)
+    return board
+
+
+def context_deviation(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    seg_start: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Relative deviation of each query's attention output without its context.
+
+    Args:
+        q: ``[n, H, D]`` queries (tokens of one segment).
+        k, v: ``[S, Hkv, D]`` keys (rotated to their true positions) and values of the row.
+        query_pos, key_pos: int64 true positions of queries and keys.
+        seg_start: first position of the segment: keys before it are "context".
+        scaling: softmax scale (None: SDPA's default).
+
+    Returns:
+        float32 ``[n]``: ``|o_full - o_seg| / |o_full|`` over all heads.
+    """
+    full = key_pos.view(1, -1) <= query_pos.view(-1, 1)
+    seg = full & (key_pos.view(1, -1) >= seg_start)
+    qh = q.movedim(0, 1).unsqueeze(0)
+    kh = k.to(q.dtype).movedim(0, 1).unsqueeze(0)
+    vh = v.to(q.dtype).movedim(0, 1).unsqueeze(0)
+    gqa = q.shape[1] != k.shape[1]
+    outs = [
+        scaled_dot_product_attention(qh, kh, vh, attn_mask=m, scale=scaling, enable_gqa=gqa)
+        for m in (full, seg)
+    ]
+    o_full, o_seg = (o.squeeze(0).movedim(1, 0).float().flatten(1) for o in outs)
+    return (o_full - o_seg).norm(dim=1) / o_full.norm(dim=1).clamp_min(1e-6)

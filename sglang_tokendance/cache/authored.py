@@ -1,0 +1,90 @@
+"""Authored masters: the KV an agent produced while generating its output (round-spanning reuse).
+
+In an All-Gather round, round r's outputs are round r+1's shared segments. The author's decode
+already computed KV for those tokens, in the author's own context: with the ``author`` master
+policy the cache keeps it when the author's request finishes (a master, no copy) and the next
+round reuses it instead of computing a fresh master.
+
+Applications wrap an output in their own text ("Isabella: <output>\\n") and tokenize the next
+prompt from text, so the generated ids are looked up as a *sub-span* of the new segment, with up
+to :data:`MAX_TRIM` tokens trimmed at either end (byte-level BPE may merge an output's first or
+last token with the wrapper differently). The wrapper's tokens are then computed fresh::
+
+    segment tokens:   [ I  s  a  :  t1 t2 t3 ... tk  \\n ]
+    authored node:          [ t0' t1 t2 t3 ... tk ]           generated ids (KV in the pool)
+    hit:              seg_offset=4, node_offset=1, length=k   -> tokens t1..tk reuse the node
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from .nodes import AllGatherNode
+
+MAX_TRIM = 2  # tokens an output may lose at either end when re-tokenized inside a segment
+MIN_LENGTH = 4  # shorter outputs are not worth a master
+MAX_ENTRIES = 4096  # newest authored masters searched (older ones are still exact-matchable)
+
+
+class AuthoredHit(NamedTuple):
+    """Where an authored master's tokens sit inside a segment."""
+
+    node: AllGatherNode
+    node_offset: int  # first reused token of the node
+    seg_offset: int  # where that token sits in the segment
+    length: int  # tokens reused
+
+
+def _find_aligned(hay: bytes, needle: bytes, width: int = 4) -> int:
+    """Index (in tokens) of the first ``width``-aligned occurrence of ``needle``, or -1."""
+    start = hay.find(needle)
+    while start >= 0 and start % width:
+        start = hay.find(needle, start + 1)
+    return -1 if start < 0 else start // width
+
+
+class AuthoredIndex:
+    """The newest authored masters, searched by sub-span (newest first)."""
+
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+        self._nodes: deque[AllGatherNode] = deque(maxlen=max_entries)
+
+    def add(self, node: AllGatherNode) -> None:
+        self._nodes.append(node)
+
+    def __len__(self) -> int:
+        return sum(1 for n in self._nodes if not n.evicted)
+
+    def clear(self) -> None:
+        self._nodes.clear()
+
+    def find(self, token_ids: Sequence[int]) -> AuthoredHit | None:
+        """The longest authored sub-span of ``token_ids`` (newest node first), or None.
+
+        A node matches when its ids, less at most :data:`MAX_TRIM` at each end and keeping at
+        least half of them (and :data:`MIN_LENGTH`), occur contiguously in ``token_ids``.
+        """
+        if len(token_ids) < MIN_LENGTH:
+            return None
+        hay = np.asarray(token_ids, dtype=np.int32).tobytes()
+        live = [n for n in self._nodes if not n.evicted]
+        if len(live) != len(self._nodes):
+            self._nodes = deque(live, maxlen=self._nodes.maxlen)
+        trims = sorted(
+            ((a, b) for a in range(MAX_TRIM + 1) for b in range(MAX_TRIM + 1)),
+            key=lambda t: t[0] + t[1],
+        )
+        for node in reversed(live):
+            ids = np.asarray(node.token_ids, dtype=np.int32)
+            for a, b in trims:
+                length = len(ids) - a - b
+                if length < max(MIN_LENGTH, (len(ids) + 1) // 2) or length > len(token_ids):
+                    continue
+                at = _find_aligned(hay, ids[a : len(ids) - b].tobytes())
+                if at >= 0:
+                    return AuthoredHit(node, a, at, length)
+        return None
