@@ -13,10 +13,12 @@ outputs). The round is SERVED when all of these hold:
 3. every agent was resident at once: each agent's first token (streamed) arrived before any
    agent of the round finished. An agent that got its first token later waited for KV that
    another agent of the same round had to free first;
-4. the latency guard: round latency <= ``slo_k`` x N x L1, where L1 is the median round latency
-   of a single agent in the same mode and pool (default k = 4). A probe that fails only this
-   guard is run again, up to 3 tries, and passes if one try does: other jobs on a shared
-   2-core machine only ever add latency, and the guard is meant to catch thrash, not them.
+4. optionally (``--slo-k K`` > 0; off by default on CPU) a latency guard: round latency <=
+   K x N x L1, where L1 is the median round latency of a single agent in the same mode and
+   pool. A probe that fails only this guard is run again, up to 3 tries, and passes if one try
+   does. Off by default because on a shared 2-core machine it measured other jobs: in the first
+   quick report mode off "failed" one agent at 856 ms against a 263 ms limit (load average 6.7)
+   while no agent waited for KV; checks 1-3 already catch the thrash it was meant for.
 
 Why this SLO on CPU: on a GPU a round's batch runs in parallel, so round latency is about flat
 in N until the pool runs out; then agents queue for KV (a whole extra wave of latency) or get
@@ -25,7 +27,8 @@ batch is computed serially: round latency grows with the round's tokens (here ~N
 each holding the N previous outputs) even when KV is plentiful (measured with an ample pool on
 the tiny model: 59 ms at 1 agent, ~270 ms at 8, ~3 s at 32), so "<= k x single-agent latency"
 would measure the CPU, not the pool. The SLO above therefore checks directly the events that
-break the GPU SLO (queueing for KV, retraction, failure) and keeps a per-agent latency guard.
+break the GPU SLO (queueing for KV, retraction, failure); the latency guard is there for quiet
+machines and GPUs.
 
 Search per mode: N = 1, 2, 4, ... doubling until a probe fails (or ``--max-agents``), then a
 binary search between the last pass and the first fail. Capacity = the largest N served.
@@ -55,8 +58,9 @@ logger = logging.getLogger("benchmarks.capacity")
 SLO_TEXT = (
     "served(N) = all requests answered AND no retraction (meta_info.num_retractions == 0) AND "
     "all N agents resident at once (every first token before any agent of the round finished) "
-    "AND round latency <= slo_k x N x L1 (L1: median single-agent round latency, same mode and "
-    "pool; a probe failing only this guard is tried up to 3 times). Judged on the last round. "
+    "AND, when slo_k > 0, round latency <= slo_k x N x L1 (L1: median single-agent round "
+    "latency, same mode and pool; a probe failing only this guard is tried up to 3 times). "
+    "Judged on the last round. "
     "Why: on 2 CPU cores round latency grows with the round's "
     "tokens even with ample KV, so a plain k x L1 latency SLO would measure the CPU; the checks "
     "above are the events (queueing for KV, retraction, failure) that break a GPU latency SLO."
@@ -76,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
     ap.add_argument("--private-words", type=int, default=300)
     ap.add_argument("--shared-words", type=int, default=40)
-    ap.add_argument("--slo-k", type=float, default=4.0, help="latency guard factor (see doc)")
+    ap.add_argument(
+        "--slo-k", type=float, default=0.0, help="latency guard factor; 0: no guard (see doc)"
+    )
     ap.add_argument("--max-agents", type=int, default=64)
     ap.add_argument("--l1-repeats", type=int, default=3, help="single-agent runs for L1")
     ap.add_argument("--seed", type=int, default=0)
@@ -133,7 +139,7 @@ def probe(url: str, args: argparse.Namespace, n: int, l1_ms: float | None) -> di
     waited = sum(
         1 for r in reps if r.t_first is not None and r.t_first > min(q.t_done for q in reps)
     )
-    limit = None if l1_ms is None else args.slo_k * n * l1_ms
+    limit = None if l1_ms is None or args.slo_k <= 0 else args.slo_k * n * l1_ms
     within = limit is None or lat <= limit
     served = ok and retractions == 0 and resident and within
     all_retractions = sum(r.num_retractions for _, rr in res for r in rr)
@@ -353,22 +359,15 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "capacity.json", result)
-    (out / "capacity.md").write_text(markdown(result) + "\n")
-    try:
-        plot(result, out / "capacity.png")
-    except Exception:
-        logger.exception("plot failed")
+    common.write_outputs("capacity", result, out, markdown, plot)
+
+
+def exit_code(result: dict[str, Any]) -> int:
+    return 0
 
 
 def main(argv: list[str] | None = None, pool: common.ServerPool | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    common.setup_logging(args.verbose)
-    result = run(args, pool)
-    write_outputs(result, args.out)
-    print(summary_line(result))
-    return 0
+    return common.bench_main(sys.modules[__name__], argv, pool)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,6 +216,37 @@ def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str) + "\n")
+
+
+def write_outputs(
+    name: str,
+    result: dict[str, Any],
+    out: Path,
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> None:
+    """``<name>.json``, ``<name>.md`` and ``<name>.png`` in ``out`` (a failed plot is logged)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", result)
+    (out / f"{name}.md").write_text(markdown(result) + "\n")
+    try:
+        plot(result, out / f"{name}.png")
+    except Exception:
+        logger.exception("%s: plot failed", name)
+
+
+def bench_main(mod: Any, argv: list[str] | None, pool: Any = None) -> int:
+    """The ``main()`` of a server benchmark module: parse, run, write, print the summary.
+
+    ``mod`` provides ``build_parser``, ``run(args, pool)``, ``write_outputs(result, out)``,
+    ``summary_line(result)`` and ``exit_code(result)``.
+    """
+    args = mod.build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    result = mod.run(args, pool)
+    mod.write_outputs(result, args.out)
+    print(mod.summary_line(result))
+    return int(mod.exit_code(result))
 
 
 def pyplot() -> Any:

@@ -449,22 +449,15 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "fidelity.json", result)
-    (out / "fidelity.md").write_text(markdown(result) + "\n")
-    try:
-        plot(result, out / "fidelity.png")
-    except Exception:
-        logger.exception("plot failed")
+    common.write_outputs("fidelity", result, out, markdown, plot)
+
+
+def exit_code(result: dict[str, Any]) -> int:
+    return 0 if result["sanity_ok"] in (True, None) else 1
 
 
 def main(argv: list[str] | None = None, pool: common.ServerPool | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    common.setup_logging(args.verbose)
-    result = run(args, pool)
-    write_outputs(result, args.out)
-    print(summary_line(result))
-    return 0 if result["sanity_ok"] in (True, None) else 1
+    return common.bench_main(sys.modules[__name__], argv, pool)
 
 
 if __name__ == "__main__":

@@ -441,23 +441,15 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "storage.json", result)
-    (out / "storage.md").write_text(markdown(result) + "\n")
-    try:
-        plot(result, out / "storage.png")
-    except Exception:
-        logger.exception("plot failed")
+    common.write_outputs("storage", result, out, markdown, plot)
+
+
+def exit_code(result: dict[str, Any]) -> int:
+    return 1 if sum(r["errors"] for r in result["runs"]) else 0
 
 
 def main(argv: list[str] | None = None, pool: common.ServerPool | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    common.setup_logging(args.verbose)
-    result = run(args, pool)
-    write_outputs(result, args.out)
-    print(summary_line(result))
-    errors = sum(r["errors"] for r in result["runs"])
-    return 1 if errors else 0
+    return common.bench_main(sys.modules[__name__], argv, pool)
 
 
 if __name__ == "__main__":
