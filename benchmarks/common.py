@@ -126,15 +126,32 @@ def machine_info() -> dict[str, Any]:
 
 
 def model_path(spec: str, arch: str = "llama") -> Path:
-    """``tiny`` / ``small`` (built once by the project's builder) or a model directory."""
+    """``tiny`` / ``small`` (built once by the project's builder), ``trained`` (the committed
+    trained model), or a model directory."""
     if spec in ("tiny", "small"):
         from sglang_tokendance.models import build
 
         return Path(build(spec, arch))
+    if spec == "trained":
+        from sglang_tokendance.models.train import trained_model_dir
+
+        try:
+            return trained_model_dir()
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
     path = Path(spec)
     if not (path / "config.json").is_file():
-        raise SystemExit(f"error: model {spec!r} is neither tiny, small nor a model directory")
+        raise SystemExit(
+            f"error: model {spec!r} is neither tiny, small, trained nor a model directory"
+        )
     return path
+
+
+def default_fidelity_model() -> str:
+    """``trained`` when its weights are present (they are committed), else ``tiny``."""
+    from sglang_tokendance.models.train import trained_dir
+
+    return "trained" if (trained_dir() / "model.safetensors").exists() else "tiny"
 
 
 def model_config(path: Path) -> dict[str, Any]:
@@ -150,7 +167,7 @@ def vocab_size(path: Path) -> int:
 
 def model_label(spec: str, path: Path) -> str:
     """A short name for reports: ``tiny (llama-tiny-<hash>)`` or the directory name."""
-    return f"{spec} ({path.name})" if spec in ("tiny", "small") else path.name
+    return f"{spec} ({path.name})" if spec in ("tiny", "small", "trained") else path.name
 
 
 # ---- traces ---------------------------------------------------------------------------------

@@ -68,7 +68,11 @@ POLICIES = ["fresh", "author"]
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", help="tiny | small | model directory")
+    ap.add_argument(
+        "--model",
+        default=common.default_fidelity_model(),
+        help="tiny | small | trained | model directory (default: trained when present)",
+    )
     ap.add_argument(
         "--trace",
         type=Path,

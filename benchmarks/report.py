@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))
     ap.add_argument("--out-root", type=Path, default=common.RESULTS_ROOT)
     ap.add_argument("--name", help="results directory name (default <date>-<machine>[-quick])")
-    ap.add_argument("--fidelity-model", default="tiny", help="tiny | small | model directory")
+    ap.add_argument(
+        "--fidelity-model",
+        default=common.default_fidelity_model(),
+        help="tiny | small | trained | model directory (default: trained when present)",
+    )
     ap.add_argument("--prefill-model", default=None, help="default: small (full), tiny (quick)")
     ap.add_argument("--max-alive", type=int, default=5, help="servers kept running at once")
     ap.add_argument(
