@@ -389,6 +389,14 @@ class ServerPool:
         logger.info("starting server %s (%s)", key.label(), Path(key.model).name)
         proc.start()
         srv = Server(key, proc.url, proc.argv, log, time.perf_counter() - t0, proc)
+        want = flag_value(argv, "--max-total-tokens")
+        got = get_stats(srv.url).get("pool_tokens")
+        if want is not None and got is not None and int(got) < int(want):
+            proc.stop()
+            raise RuntimeError(
+                f"server {key.label()} got a KV pool of {got} tokens, not the {want} asked for "
+                "(SGLang profiles free memory at start): too many servers or too little memory"
+            )
         logger.info("server %s up in %.1f s at %s", key.label(), srv.startup_s, srv.url)
         return srv
 

@@ -179,11 +179,14 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             keys += [pool.key(model, "pic", r, extra) for r in args.pic_ratios]
         keys = pool.order(list(dict.fromkeys(keys)))
         bar = tqdm(total=len(keys) * len(traces), desc="storage", unit="run", disable=None)
+        selection = None
         for i, key in enumerate(keys):
             pool.ensure(keys[i : i + pool.start_parallel])
             srv = pool.get(key)
             common.warm_up(srv.url, flush=not args.no_flush)
             servers.append(srv.describe())
+            if key.mode != "off":
+                selection = common.get_stats(srv.url).get("config", {}).get("selection")
             for (w, n), trace in traces.items():
                 rec = {
                     "workload": w,
@@ -223,7 +226,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             "shared_words": args.shared_words,
             "model": common.model_label(args.model, model),
             "server_args": args.server_args,
-            "selection": "leading",
+            "selection": selection,  # the servers' (token counts do not depend on it)
             "quick": args.quick,
         },
         "servers": servers,

@@ -21,8 +21,9 @@ class TokenDanceConfig:
     mode: str = "tokendance"
     recompute_ratio: float = 0.15
     round_timeout_ms: float = 2000.0
-    selection: str = "leading"
-    master_policy: str = "fresh"
+    # Defaults chosen by the fidelity benchmark on the trained model (README, Results).
+    selection: str = "both"
+    master_policy: str = "author"
     check_layer: int = 1
     separator: str = DEFAULT_SEPARATOR
     uniform_attention: bool = False
@@ -165,8 +166,8 @@ def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
         mode=getattr(ns, "tokendance_mode", "tokendance"),
         recompute_ratio=float(getattr(ns, "tokendance_recompute_ratio", 0.15)),
         round_timeout_ms=float(getattr(ns, "tokendance_round_timeout_ms", 2000.0)),
-        selection=getattr(ns, "tokendance_selection", "leading"),
-        master_policy=getattr(ns, "tokendance_master_policy", "fresh"),
+        selection=getattr(ns, "tokendance_selection", TokenDanceConfig.selection),
+        master_policy=getattr(ns, "tokendance_master_policy", TokenDanceConfig.master_policy),
         check_layer=int(getattr(ns, "tokendance_check_layer", 1)),
         separator=getattr(ns, "tokendance_separator", DEFAULT_SEPARATOR),
         uniform_attention=bool(getattr(ns, "tokendance_uniform_attention", False)),

@@ -30,7 +30,10 @@ CPU_FLAGS: dict[str, str | None] = {
     "--cuda-graph-backend-decode": "disabled",
     "--cuda-graph-backend-prefill": "disabled",
     "--dtype": "float32",
-    "--mem-fraction-static": "0.05",
+    # SGLang sizes the pool as (free memory) - (1 - fraction) x (free memory before the model
+    # loaded): at 0.05 a server that starts while others are loading got a 1,601-token pool.
+    # --max-total-tokens caps the pool, so a generous fraction only lifts the ceiling.
+    "--mem-fraction-static": "0.3",
     "--max-total-tokens": "65536",
     "--max-running-requests": "32",
     "--grammar-backend": "none",

@@ -74,7 +74,7 @@ def test_storage_main_writes_its_json_markdown_and_plot(
     ):
         assert key in data, key
     assert data["benchmark"] == "storage" and "peak non-evictable" in data["definition"]
-    assert data["config"]["selection"] == "leading"
+    assert data["config"]["selection"] == "both"  # the shared server's flag
     (run,) = data["runs"]
     assert (run["mode"], run["ratio"], run["agents"]) == ("tokendance", 0.15, 2)
     assert run["errors"] == 0
