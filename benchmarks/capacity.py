@@ -250,7 +250,18 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
                     "error": "single-agent probe failed",
                 }
                 continue
-            cap, probes = search(srv.url, args, l1)
+            try:
+                cap, probes = search(srv.url, args, l1)
+            except Exception as e:  # a dead server must not lose the other modes' results
+                logger.exception("%s: capacity search failed", key.label())
+                per_mode[key.mode] = {
+                    "label": key.label(),
+                    "capacity": None,
+                    "l1_ms": round(l1, 2),
+                    "probes": [],
+                    "error": f"{type(e).__name__}: {str(e)[:300]}",
+                }
+                continue
             logger.info("%s: capacity %d agents", key.label(), cap)
             per_mode[key.mode] = {
                 "label": key.label(),
@@ -311,7 +322,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         c = line.get_color()
         for n, lat, ok in pts:
             ax.scatter([n], [lat], color=c if ok else "none", edgecolors=c, zorder=3)
-        ax.axvline(v["capacity"], color=c, ls="--", lw=1, label=f"{mode}: {v['capacity']}")
+        if v.get("capacity") is not None:
+            ax.axvline(v["capacity"], color=c, ls="--", lw=1, label=f"{mode}: {v['capacity']}")
     cfg = result["config"]
     ax.set_title(
         f"capacity at a {cfg['pool_tokens']}-token pool ({cfg['model'].split()[0]}); "
@@ -343,7 +355,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{p['agents']}:{'y' if p['served'] else 'n'}"
             for p in sorted(v["probes"], key=lambda p: p["agents"])
         )
-        lines.append(f"| {m} | {v['capacity']} | {v['l1_ms']} | {pr} |")
+        cap = v["capacity"] if v.get("capacity") is not None else f"failed ({v.get('error')})"
+        lines.append(f"| {m} | {cap} | {v['l1_ms']} | {pr} |")
     for k, r in result["ratios"].items():
         lines.append(f"\n{k}: {r}x")
     return "\n".join(lines)

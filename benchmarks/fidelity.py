@@ -345,10 +345,17 @@ def closed_loop_lines(result: dict[str, Any]) -> list[str]:
     for x in sorted_rows(result):
         info = x.get("closed_loop_info")
         if info:
+            nxt = info.get("masters_created_next_round")
+            made = (
+                f"{nxt} fresh masters were computed in round {info['round']}"
+                if nxt is not None
+                else f"{info['masters_created']} fresh masters were computed over rounds "
+                f"{info['round'] - 1}-{info['round']} (round {info['round'] - 1} has no "
+                "outputs to reuse)"
+            )
             out.append(
                 f"- {x['label']}: round {info['round']}, {info['author_masters_used']} segments "
-                f"reused their author's decode-time KV, {info['masters_created']} fresh masters "
-                "were computed"
+                f"reused their author's decode-time KV; {made}"
             )
     return out
 

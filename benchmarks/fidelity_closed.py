@@ -71,6 +71,7 @@ def closed_passes(
     common.flush_cache(td_url)
     before = common.get_stats(td_url)
     generated = _generate_round(td_url, trace, rnd, g)
+    after_r1 = common.get_stats(td_url)
     nxt = next_round_trace(trace, rnd, generated)
     r2 = [rnd + 1]
     a = common.run_rounds(
@@ -101,6 +102,8 @@ def closed_passes(
         "author_masters_used": mid.get("author_masters_used", 0)
         - before.get("author_masters_used", 0),
         "masters_created": mid.get("masters_created", 0) - before.get("masters_created", 0),
+        "masters_created_next_round": mid.get("masters_created", 0)
+        - after_r1.get("masters_created", 0),
         "shared_segments_per_request": segs,
     }
     return collect(ra, rb), collect(a, b), info
