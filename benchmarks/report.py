@@ -217,7 +217,8 @@ def readme(report: dict[str, Any], results: dict[str, Any]) -> str:
         f"- models: {report['models']}",
         "- every server: `--enable-tokendance --tokendance-mode M --tokendance-recompute-ratio R "
         "--sleep-on-idle --tokendance-uniform-attention` plus the per-benchmark pool flags; "
-        "recompute selection: leading",
+        "recompute selection and master policy: the server defaults (`both`, `author`; "
+        "`sglang_tokendance/config.py`) unless a fidelity row names others",
         "",
         "## Headline (tokendance relative to each baseline)",
         "",

@@ -49,6 +49,7 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         author_masters_used=c.author_masters_used,
         authored_masters_live=len(cache.authored) if hasattr(cache, "authored") else 0,
         deviation_selections=c.deviation_selections,
+        pic_copies_skipped=getattr(cache, "pic_copies_skipped", 0),
         nonleading_selections=c.nonleading_selections,
         collector_ms=round(c.collector_s * 1000, 3),
         barrier_wait_ms=round(c.barrier_wait_s * 1000, 3),

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
-    EvictParams,
     InsertParams,
     MatchPrefixParams,
     MatchResult,
@@ -111,15 +110,23 @@ def on_rows_allocated(cache: Any, reqs: list[Any]) -> None:
         lay.reused_nodes = []
 
 
+PIC_COPY_HEADROOM = 0.25  # share of the pool a pic dense copy never takes
+
+
 def _copy_reused(cache: Any, row: int, lay: RowLayout, m: int) -> bool:
     """Give ``row[c : c + m]`` private copies of the reused master slots (pic mode)."""
     alloc = cache.token_to_kv_pool_allocator
+    # SGLang admitted this request for its extend tokens only: the copy is extra. Free slots
+    # below the headroom are spoken for (a chunked prefill's next chunk, running requests'
+    # decode), and evicting would take what admission counted as evictable, so under pressure
+    # the request references the masters instead (counted in pic_copies_skipped).
+    if alloc.available_size() - m < PIC_COPY_HEADROOM * alloc.size:
+        cache.pic_copies_skipped += 1
+        return False
     new = alloc.alloc(m)
     if new is None:
-        cache.evict(EvictParams(num_tokens=m))
-        new = alloc.alloc(m)
-    if new is None:
-        return False  # no room for a copy: reference the masters instead
+        cache.pic_copies_skipped += 1
+        return False
     src = lay.reused_slots.to(new.device)
     kv = alloc.get_kvcache()
     dst, src_l = new.long(), src.long()

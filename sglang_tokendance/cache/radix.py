@@ -89,6 +89,7 @@ class TokenDanceRadixCache(RadixCache):
         # Set by the collector (master policy "author"): a finished TokenDance request's output
         # KV becomes a master instead of being freed.
         self.publish_outputs = False
+        self.pic_copies_skipped = 0  # pic mode: dense copies not made for lack of free slots
         super().__init__(params)
         self.positions: PositionTable | None = None
         if params.req_to_token_pool is not None and params.token_to_kv_pool_allocator is not None:
