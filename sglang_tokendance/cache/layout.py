@@ -94,7 +94,7 @@ def plan_row(layout: RowLayout, cached_len: int) -> RowPlan:
         if use.node is None:
             continue
         length = use.end - use.start
-        assert use.node_offset + length <= use.node.length, "span runs past its master"
+        assert use.node_offset + length <= len(use.node.token_ids), "span runs past its master"
         keep = torch.ones(length, dtype=torch.bool)
         if use.recompute is not None and use.recompute.numel():
             keep[use.recompute] = False
