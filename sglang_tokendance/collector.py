@@ -70,7 +70,9 @@ class Counters:
     reused_tokens: int = 0
     recompute_tokens: int = 0
     masters_created: int = 0
-    author_masters_used: int = 0
+    author_masters_used: int = 0  # (round, segment) pairs served by an authored master
+    rounds_timed_out: int = 0  # rounds released by the timeout with agents missing
+    late_arrivals: int = 0  # requests that came after their round was released
     deviation_selections: int = 0  # recompute sets chosen with deviation scores
     nonleading_selections: int = 0  # ... that differ from the leading tokens
     collector_s: float = 0.0
@@ -120,7 +122,7 @@ class Collector:
         state = RoundState(round_id, seg_tokens)
         missing = {s for s, t in seg_tokens.items() if self.cache.lookup_segment(t) is None}
         for seg_id in sorted(missing):
-            hit = self._authored(seg_tokens[seg_id])
+            hit = self._authored(seg_tokens[seg_id], (round_id, seg_id))
             if hit is not None:
                 state.nodes[seg_id] = hit.node
                 missing.discard(seg_id)
@@ -152,11 +154,13 @@ class Collector:
         if self.cfg.selection != "leading":
             setattr(req, PROBES_ATTR, [(u.seg_id, u.start, u.end) for u in computes])
 
-    def _authored(self, toks: tuple[int, ...]) -> Any:
+    def _authored(self, toks: tuple[int, ...], use: tuple[str, str]) -> Any:
+        """An authored master for segment ``use`` = (round, segment id), or None."""
         if self.cfg.master_policy != "author":
             return None
         hit = self.cache.find_authored(toks)
-        if hit is not None:
+        if hit is not None and use not in hit.node.author_uses:
+            hit.node.author_uses.add(use)
             self.counters.author_masters_used += 1
         return hit
 
@@ -197,7 +201,7 @@ class Collector:
             toks = tuple(lay.true_ids[use.start : use.end])
             use.node = self.cache.lookup_segment(toks)
             if use.node is None:
-                hit = self._authored(toks)
+                hit = self._authored(toks, (lay.round_id, use.seg_id))
                 if hit is not None:
                     _narrow(use, hit)
             use.recompute = self._recompute(use)

@@ -146,11 +146,13 @@ class TokenDanceScheduler:
         """Release complete / timed-out rounds and late arrivals."""
         for rel in self.barrier.poll():
             if rel.reason == "late":
+                self.collector.counters.late_arrivals += len(rel.requests)
                 for req in rel.requests:
                     self.collector.plan_alone(req)
                 self._queue(rel.requests)
                 continue
             if rel.reason == "timeout":
+                self.collector.counters.rounds_timed_out += 1
                 logger.info(
                     "round %s timed out with %d agents present", rel.round_id, len(rel.requests)
                 )

@@ -47,6 +47,8 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         recompute_tokens=c.recompute_tokens,
         masters_created=c.masters_created,
         author_masters_used=c.author_masters_used,
+        rounds_timed_out=c.rounds_timed_out,
+        late_arrivals=c.late_arrivals,
         authored_masters_live=len(cache.authored) if hasattr(cache, "authored") else 0,
         deviation_selections=c.deviation_selections,
         pic_copies_skipped=getattr(cache, "pic_copies_skipped", 0),

@@ -1,7 +1,9 @@
 """One real CPU server shared by test modules (replay, frontend, OpenAI, rounds), started once.
 
 Every server start costs 15-30 s on 2 cores, so modules share one TokenDance server (tiny Llama,
-``--enable-tokendance``, mode tokendance, default ratio 0.15 and round timeout 2000 ms) through
+``--enable-tokendance``, mode tokendance, default ratio 0.15 and round timeout
+:data:`ROUND_TIMEOUT_S`: longer than the product's 2 s default so a loaded CI machine never
+splits a round the tests send at once) through
 :func:`shared_server`: it starts on first use and a session finalizer stops it, pass or fail.
 Round ids sent to it must differ between tests (the entry remembers a round's shared texts).
 """
@@ -15,6 +17,7 @@ import pytest
 from sglang_tokendance.server import ServerProcess
 
 _servers: dict[str, ServerProcess] = {}
+ROUND_TIMEOUT_S = 6.0
 
 
 def shared_server(
@@ -25,6 +28,7 @@ def shared_server(
     if srv is None:
         log = tmp_path_factory.mktemp("shared-server") / "server.log"
         flags = ["--enable-tokendance", "--tokendance-selection", "both"]
+        flags += ["--tokendance-round-timeout-ms", str(int(ROUND_TIMEOUT_S * 1000))]
         srv = ServerProcess(model, [*flags, "--tokendance-master-policy", "author"], log_path=log)
         request.session.addfinalizer(srv.stop)
         srv.start()

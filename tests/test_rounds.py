@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 from roundclient import generate, round_bodies, run_round, run_trace, segments_of, stats
-from test_replay_shared import shared_server
+from test_replay_shared import ROUND_TIMEOUT_S, shared_server
 
 from sglang_tokendance.hints import build_request
 from sglang_tokendance.server import ServerProcess
@@ -28,7 +28,7 @@ def _server(model: Path, tmp: Path, name: str, flags: list[str]) -> ServerProces
 def servers(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, request):
     """mode off, tokendance at ratio 1.0 (deviation selection, author masters), pic at 1.0, and
     the shared tokendance server (0.15, "both" selection, author masters, round timeout
-    2000 ms), all on one model."""
+    ROUND_TIMEOUT_S), all on one model."""
     tmp = tmp_path_factory.mktemp("round-servers")
     specs = {
         "off": ["--enable-tokendance", "--tokendance-mode", "off"],
@@ -121,7 +121,7 @@ def test_round_missing_an_agent_completes_after_the_timeout(servers) -> None:
     out = run_round(url, bodies[:2])  # the third agent never comes
     waited = time.monotonic() - t0
     assert len(out) == 2 and all(len(o["output_ids"]) == 2 for o in out)
-    assert waited >= 1.9  # held until the 2 s round timeout
+    assert waited >= ROUND_TIMEOUT_S - 0.1  # held until the round timeout
     assert stats(url)["integrity"] == "ok"
 
 
@@ -137,7 +137,7 @@ def test_hintless_requests_are_not_delayed_by_a_held_round(servers) -> None:
     plain = generate(url, {"text": "A plain prompt.", "sampling_params": {"max_new_tokens": 2}})
     assert plain.status_code == 200
     assert "r" not in box  # the hinted request is still held by its round
-    assert time.monotonic() - t0 < 1.9
+    assert time.monotonic() - t0 < ROUND_TIMEOUT_S - 1
     th.join(timeout=60)
     assert box["r"].status_code == 200
 
@@ -228,10 +228,13 @@ def test_permuted_row_gives_the_same_tokens_as_full_prefill(servers) -> None:
     assert max(reused) > 0
 
 
-def _closed_loop(url: str, hints: bool, tag: str, between=None) -> list[list[dict]]:
+def _closed_loop(
+    url: str, hints: bool, tag: str, between=None, late_after_s: float = 0.0, seed: int = 21
+) -> list[list[dict]]:
     """Two rounds of 4 agents; round 2's shared segments wrap round 1's generated texts
-    ("name: text\n"), in a different order per agent, as an All-Gather application does."""
-    trace = generative_agents(agents=4, rounds=1, seed=21, private_words=30, shared_words=12)
+    ("name: text\n"), in a different order per agent, as an All-Gather application does.
+    With ``late_after_s``, round 2's first agent comes alone and the others that much later."""
+    trace = generative_agents(agents=4, rounds=1, seed=seed, private_words=30, shared_words=12)
     reqs = trace.rounds()[1]
     r1 = run_round(url, round_bodies(reqs, f"{tag}r1", hints, 10))
     if between is not None:
@@ -246,7 +249,15 @@ def _closed_loop(url: str, hints: bool, tag: str, between=None) -> list[list[dic
         segs.append(("private", None, f" {r.agent} replies:"))
         text, env = build_request(segs, f"{tag}r2", len(reqs), r.agent)
         bodies.append({"text": text, "sampling_params": sp} | ({"kv_hints": env} if hints else {}))
-    return [r1, run_round(url, bodies)]
+    if not late_after_s:
+        return [r1, run_round(url, bodies)]
+    box: dict[str, list[dict]] = {}
+    first = threading.Thread(target=lambda: box.setdefault("first", run_round(url, bodies[:1])))
+    first.start()
+    time.sleep(late_after_s)
+    rest = run_round(url, bodies[1:])
+    first.join(timeout=120)
+    return [r1, box["first"] + rest]
 
 
 def test_closed_loop_reuses_the_authors_output_kv_and_stays_exact_at_ratio_1(servers) -> None:
@@ -270,6 +281,22 @@ def test_author_masters_replace_fresh_masters_in_the_next_round(servers) -> None
     # each of round 2's 4 segments got exactly one master: an author's output KV or a fresh one
     assert used + created == 4
     assert s["per_round"][-1]["round"] == "aur2"
+    assert all(len(o["output_ids"]) == 6 for o in out[1])
+    assert s["integrity"] == "ok"
+
+
+def test_late_arrivals_of_a_timed_out_round_count_each_segment_once(servers) -> None:
+    """td_full has the default 2 s round timeout: round 2 runs with its first agent alone, the
+    other three arrive late and are planned one by one against the same masters."""
+    url = servers["td_full"].url
+    mid: dict = {}
+    # a seed of its own: texts another test sent would already have masters on this server
+    out = _closed_loop(url, True, "late", lambda: mid.update(stats(url)), 3.0, seed=22)
+    s = stats(url)
+    used = s["author_masters_used"] - mid["author_masters_used"]
+    created = s["masters_created"] - mid["masters_created"]
+    assert s["late_arrivals"] - mid["late_arrivals"] == 3
+    assert used >= 1 and used + created == 4  # one master per segment, however late its users
     assert all(len(o["output_ids"]) == 6 for o in out[1])
     assert s["integrity"] == "ok"
 

@@ -68,6 +68,9 @@ class AllGatherNode:
         deviation: float ``[L]`` per-token deviation scores measured when the master was
             computed (``selection.py``), or None.
         authored_by: the agent whose decode-time KV this master is (author policy), or None.
+        author_uses: the (round, segment id) pairs this authored master served, so the
+            ``author_masters_used`` counter counts segments served, not lookups (late arrivals
+            of a timed-out round look the same segment up again).
     """
 
     node_id: SegmentId
@@ -81,6 +84,7 @@ class AllGatherNode:
     evicted: bool = False
     deviation: torch.Tensor | None = None
     authored_by: str | None = None
+    author_uses: set[tuple[str, str]] = field(default_factory=set)
 
     @property
     def length(self) -> int:
