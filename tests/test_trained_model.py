@@ -7,6 +7,7 @@ real SGLang server start).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 from sglang_tokendance.models.__main__ import main as models_main
 from sglang_tokendance.models.train import induction_check, load_model, trained_model_dir
+from sglang_tokendance.server import ServerProcess
 
 PROMPT = "Isabella Rodriguez is planning a Valentine's Day party at Hobbs Cafe."
 MAX_NEW = 12
@@ -23,6 +25,17 @@ MAX_NEW = 12
 @pytest.fixture(scope="module")
 def trained() -> Path:
     return trained_model_dir()
+
+
+@pytest.fixture(scope="module")
+def trained_url(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real SGLang server on the trained model for this module."""
+    log = tmp_path_factory.mktemp("trained-server") / "server.log"
+    srv = ServerProcess(trained, ["--dtype", "float32"], log_path=log)
+    try:
+        yield srv.start().url
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +78,18 @@ def test_loads_in_transformers_and_predicts_text(hf_model: tuple[object, object]
     assert rendered.startswith("<|im_start|>user\nhi<|im_end|>")
 
 
-def test_second_copy_of_a_repeated_sequence_is_predicted_better(
+def test_second_copy_of_a_repeated_random_sequence_costs_under_half_the_first(
     hf_model: tuple[object, object],
 ) -> None:
-    """Partial copying (the model card says the strict induction check, second copy below half
-    the first, does not pass): the second copy of random ids costs >= 5% less than the first."""
+    """The induction check of issue 8: random ids repeated twice; copying from context makes
+    the second copy far cheaper than the first (which no model can predict)."""
     model, _ = hf_model
     res = induction_check(model, length=64, trials=16, seed=0)
-    assert res["ratio"] < 0.95, res
+    assert res["ratio"] < 0.5, res
 
 
 def test_sglang_server_answers_generate_like_hf(
-    trained: Path, hf_model: tuple[object, object], start_server
+    trained_url: str, hf_model: tuple[object, object]
 ) -> None:
     model, tok = hf_model
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
@@ -85,9 +98,8 @@ def test_sglang_server_answers_generate_like_hf(
             ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=0
         )
     expected = out[0, ids.shape[1] :].tolist()
-    srv = start_server(trained, ["--dtype", "float32"])
     r = requests.post(
-        srv.url + "/generate",
+        trained_url + "/generate",
         json={
             "text": PROMPT,
             "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True},
@@ -98,3 +110,24 @@ def test_sglang_server_answers_generate_like_hf(
     body = r.json()
     assert isinstance(body["text"], str) and body["text"]
     assert list(body["output_ids"]) == expected, (body["output_ids"], expected)
+
+
+def test_sglang_server_continues_a_repeated_random_sequence_from_context(
+    trained_url: str,
+) -> None:
+    """The copying circuit survives SGLang's own forward: given random ids and the start of
+    their repeat, the server's greedy tokens continue the repeat."""
+    g = torch.Generator().manual_seed(5)
+    seq = torch.randint(256, 1024, (48,), generator=g).tolist()
+    r = requests.post(
+        trained_url + "/generate",
+        json={
+            "input_ids": seq + seq[:16],
+            "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True},
+        },
+        timeout=120,
+    )
+    r.raise_for_status()
+    got = r.json()["output_ids"]
+    hits = sum(a == b for a, b in zip(got, seq[16:32], strict=True))
+    assert hits >= 12, (got, seq[16:32])

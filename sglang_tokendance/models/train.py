@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from sglang_tokendance.models.induction_init import plant_previous_token_head
+
 logger = logging.getLogger(__name__)
 
 TRAINED_DIR = Path(__file__).parent / "trained"
@@ -87,9 +89,12 @@ class TrainConfig:
     timing_steps: int = 40
     val_every: int = 50
     repeat_frac: float = 0.2
-    copy_warmup_steps: int = 600
-    copy_batch_size: int = 32
-    copy_seq_len: int = 64
+    copy_warmup_steps: int = 1500  # at most; ends early once copying works (below)
+    copy_warmup_until: float = 0.2  # induction ratio (2nd/1st copy loss) that ends the warm-up
+    copy_lr: float = 1e-3  # lr cap during the warm-up (the measured plant runs used 1e-3)
+    copy_batch_size: int = 16
+    copy_seq_len: int = 128
+    plant_prev_token_head: bool = True  # induction_init.py (fresh models only)
     resume: str | None = None  # continue from this model dir (its tokenizer, its weights)
 
 
@@ -244,14 +249,13 @@ def windows_loss(model: Any, stream: np.ndarray, seq_len: int, batch: int = 16) 
 def copy_batch(cfg: TrainConfig, rng: np.random.Generator, vocab: int) -> np.ndarray:
     """A ``(copy_batch_size, copy_seq_len + 1)`` batch of pure copying practice (warm-up).
 
-    Each row is ``L`` random token ids (``L`` uniform in 4..32, ids in 256..vocab-1) repeated
-    to the end of the row. Many short rows, not a few long ones: measured while building this
-    model, 32 x 64 rows start copying within a few hundred steps where 8 x 256 rows of the same
-    tokens (or 8 x 256 rows made of 64-token episodes) barely move.
+    Each row is ``L`` random token ids (``L`` uniform in 8..copy_seq_len/2, ids in
+    256..vocab-1) repeated to the end of the row: only copying from context predicts the
+    repeats, and periods vary so no fixed-offset shortcut does.
     """
     n = cfg.copy_seq_len + 1
     rows = []
-    for length in rng.integers(4, 33, size=cfg.copy_batch_size):
+    for length in rng.integers(8, cfg.copy_seq_len // 2 + 1, size=cfg.copy_batch_size):
         seg = rng.integers(256, vocab, size=int(length))
         rows.append(np.tile(seg, n // int(length) + 1)[:n])
     return np.stack(rows).astype(np.int64)
@@ -330,6 +334,8 @@ def train(
             shutil.copy2(src / name, tmp / name)
         if (src / TRAIN_INFO).exists():
             stage1 = json.loads((src / TRAIN_INFO).read_text())
+            if (src / CURVE_JSON).exists():  # keep the earlier stage's checks for the card
+                stage1["val_probe"] = json.loads((src / CURVE_JSON).read_text())["val_probe"]
     else:
         train_prose_tokenizer(tmp, [d.text for d in corpus["train"]], cfg.vocab_size)
     tok = AutoTokenizer.from_pretrained(str(tmp))
@@ -349,6 +355,8 @@ def train(
         model = LlamaForCausalLM.from_pretrained(cfg.resume, dtype=torch.float32)
     else:
         model = LlamaForCausalLM(make_config(cfg, tok))
+        if cfg.plant_prev_token_head:
+            plant_previous_token_head(model)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(
@@ -365,14 +373,18 @@ def train(
     stopped_early = False
     bar = tqdm(total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
     step = 0
+    warmup_end = cfg.copy_warmup_steps  # lowered when the induction check passes early
     while step < total:
-        if step < cfg.copy_warmup_steps:
+        warming = step < warmup_end
+        if warming:
             x = torch.from_numpy(copy_batch(cfg, rng, len(tok)))
         else:
             x = torch.from_numpy(
                 sample_batch(train_ids, cfg, rng, cfg.repeat_frac, len(tok))
             ).long()
         lr = lr_at(step, total, cfg)  # warm-up (< timing_steps) does not depend on total
+        if warming:
+            lr = min(lr, cfg.copy_lr)
         for g in opt.param_groups:
             g["lr"] = lr
         logits = model(input_ids=x[:, :-1]).logits
@@ -411,6 +423,9 @@ def train(
             ind = induction_check(model, length=64, trials=4, seed=1)["ratio"]
             model.train()
             val_curve.append({"step": step, "val_loss": vl, "induction_ratio": ind})
+            if warming and ind <= cfg.copy_warmup_until:
+                warmup_end = step
+                logger.info("copying works (induction ratio %.3f): warm-up ends", ind)
             logger.info(
                 "step %d loss %.3f val(probe) %.3f induction %.3f lr %.2e",
                 step,
@@ -451,6 +466,7 @@ def train(
         "steps": step,
         "planned_steps": total,
         "stopped_early": stopped_early,
+        "copy_warmup_steps_run": min(warmup_end, step),
         "tokens_seen": step * cfg.batch_size * cfg.seq_len,
         "train_tokens": int(len(train_ids)),
         "val_tokens": int(len(val_ids)),
@@ -810,12 +826,10 @@ with and without KV reuse must give the same output).
 - seed {cfg["seed"]}, `torch.set_num_threads({cfg["threads"]})`
 - batch {cfg["batch_size"]} × {cfg["seq_len"]} tokens at random offsets of the train stream
   (documents joined with EOS)
-- copy warm-up: the first {cfg.get("copy_warmup_steps", 0)} steps are batches of
-  {cfg.get("copy_batch_size", 0)} rows × {cfg.get("copy_seq_len", 0)} tokens, each 4–32 random
-  token ids repeated to the end of the row (only copying from context predicts the repeats)
-- then {cfg.get("repeat_frac", 0.0):.0%} of rows are copying practice (a window of text, 0 to
-  {cfg["seq_len"] // 2} tokens, then 8–64 random ids repeated to the end of the row) and the
-  others plain text windows. See "Why tied embeddings and copying practice" below
+{_warmup_line(cfg, info)}- {cfg.get("repeat_frac", 0.0):.0%} of rows are copying practice (a window
+  of text, 0 to {cfg["seq_len"] // 2} tokens, then 8–64 random ids repeated to the end of the
+  row) and the others plain text windows. See "Why tied embeddings, copying practice and a
+  planted previous-token head" below
 - AdamW (betas {tuple(cfg["betas"])}, weight decay {cfg["weight_decay"]} on matrices), lr
   {cfg["lr"]:g}, {cfg["warmup_steps"]} warm-up steps, cosine decay to {cfg["min_lr_ratio"]:g}×,
   gradient clip {cfg["grad_clip"]}
@@ -828,29 +842,33 @@ with and without KV reuse must give the same output).
 Rebuild: `{info.get("rebuild", "python -m sglang_tokendance.models train")}` (deterministic for
 a fixed step count on the same torch build and CPU).
 
-### Why tied embeddings and copying practice
+### Why tied embeddings, copying practice and a planted previous-token head
 
-The budget is about 4,000 steps of 2k tokens (2 CPU threads, 25 minutes), and induction heads
-(the circuit that copies from context) form abruptly after a plateau whose length grows with the
-vocabulary and shrinks with the number of independent sequences per batch. Measured while
-building this model (induction ratio = second-copy / first-copy loss; 1.0 means no copying):
+An induction head (the circuit that copies from context: "... A B ... A" -> "B") is two heads in
+series: a previous-token head, and a later head that matches the current token against what it
+wrote. Neither lowers the loss alone, so training sits on a plateau until both appear at once,
+and the plateau grows with the vocabulary. The budget is about 4,000 steps of 2k tokens (2 CPU
+threads, under 30 minutes). Measured while building this model (induction ratio = second-copy /
+first-copy loss; 1.0 means no copying):
 
 - vocabulary 4,096, untied embeddings, 1,174 steps, 20% of rows ending by repeating their own
   last 16–128 tokens: ratio 1.00 (validation ppl 64.5);
-- vocabulary 4,096, tied, 8 × 256 rows, copy warm-up then 20% copy rows: 0.99 at step 350;
-- copy task alone (random ids repeated), tied, 300–900 steps: vocabulary 4,096 with 8 × 256
-  rows: no copying; vocabulary 1,024 with 8 × 256 rows: 0.92 at step 325; 8 × 256 rows made
-  of 64-token episodes: 0.99; 32 × 64 rows: training loss falls steadily (copying) and the
-  ratio reaches 0.82–0.85 (on 32 + 32-token checks) by step 600–800;
-- this model (vocabulary 1,024, 600 warm-up steps of 32 × 64 copy rows, then prose with 20%
-  copy rows): 0.84 at the end of the warm-up, 0.90–0.93 through the prose phase.
+- vocabulary 1,024, tied, 600 warm-up steps of 32 × 64 copy rows, then prose with 20% copy rows
+  (the previous version of this model): 0.84 after the warm-up, 0.88 at the end;
+- copy rows alone (16 × 128, periods 8–64), lr 1e-3, from random weights: 2 layers still 0.87
+  after 1,150 steps, 4 layers 0.98 after 600; fine-tuning the previous model on 50% copy rows:
+  0.88 after 800 steps. All on the plateau;
+- the same copy rows with layer 0's head 0 **planted as a previous-token head** at initialisation
+  (`induction_init.py`: a constant embedding channel, which tied logits ignore, read by that
+  head's q/k so that RoPE makes it attend one token back; everything stays trainable): 2 layers
+  leave the plateau at step ~500 and reach 0.05 by step 750.
 
 So the model ties its embeddings (as small Llamas do, e.g. Llama 3.2 1B/3B; an ordinary config
-flag that SGLang loads), uses a 1,024-token vocabulary, and starts with the short-row copy
-warm-up. Within this budget that buys a partial copy circuit, not a clean induction head: the
-check below says so. Because the random-id check resembles training data, the evaluation also
-measures copying of **real text from the validation split** (never trained on), which is what
-KV-reuse fidelity depends on.
+flag that SGLang loads), uses a 1,024-token vocabulary, starts with the planted head and a copy
+warm-up that ends as soon as the check passes, then learns prose with copying practice mixed in
+so the circuit stays. {_warmup_record(info)}Because the random-id check resembles the warm-up
+data, the evaluation also measures copying of **real text from the validation split** (never
+trained on), which is what KV-reuse fidelity depends on.
 
 ## Evaluation
 
@@ -904,25 +922,64 @@ Greedy continuations (40 new tokens, HF `generate`, no BOS):
     (d / CARD).write_text(_reflow(card))
 
 
+def _warmup_line(cfg: dict[str, Any], info: dict[str, Any]) -> str:
+    """The card's bullet on this stage's copy warm-up ("" when it had none)."""
+    run = info.get("copy_warmup_steps_run", cfg.get("copy_warmup_steps", 0))
+    if not run:
+        return ""
+    return (
+        f"- copy warm-up: the first {run} steps (at most {cfg['copy_warmup_steps']}; it ends at"
+        f" the first check with induction ratio <= {cfg.get('copy_warmup_until', 0):g}) are"
+        f" batches of {cfg['copy_batch_size']} rows × {cfg['copy_seq_len']} tokens, each 8 to"
+        f" {cfg['copy_seq_len'] // 2} random token ids repeated to the end of the row, lr capped"
+        f" at {cfg.get('copy_lr', cfg['lr']):g}\n"
+    )
+
+
+def _warmup_record(info: dict[str, Any]) -> str:
+    """A sentence with the induction checks of the run's copy warm-up, from its curve."""
+    stage = info.get("previous_stage") or info
+    curve = stage.get("val_probe") or []
+    run = stage.get("copy_warmup_steps_run")
+    if not curve or not run:
+        return ""
+    pts = ", ".join(
+        f"{p['induction_ratio']:.2f} at step {p['step']}" for p in curve if p["step"] <= run
+    )
+    after = [p["induction_ratio"] for p in curve if p["step"] > run]
+    tail = (
+        f"; through the prose that followed it stayed between {min(after):.2f} and {max(after):.2f}"
+        if after
+        else ""
+    )
+    return f"In this model's warm-up the induction ratio went {pts}{tail}. "
+
+
 def _stages(info: dict[str, Any]) -> str:
     """The card's paragraph on a two-stage run (empty for a single stage)."""
     first = info.get("previous_stage")
     if not first:
         return ""
     c1, c2 = first["config"], info["config"]
+    plant = (
+        "layer 0's head 0 planted as a previous-token head (see below)"
+        if c1.get("plant_prev_token_head")
+        else "no planted head"
+    )
     return f"""
 Two stages; this directory holds the result of the second, and the list below describes it.
 
 - stage 1, `{first.get("rebuild", "?")}`: {first["steps"]} steps of {c1["batch_size"]} ×
    {c1["seq_len"]} tokens ({first["tokens_seen"] / 1e6:.2f}M tokens,
-   {first["wall_s"] / 60:.1f} min), starting with {c1.get("copy_warmup_steps", 0)} copy warm-up
-   steps of {c1.get("copy_batch_size", 0)} × {c1.get("copy_seq_len", 0)}; validation loss
+   {first["wall_s"] / 60:.1f} min), from random weights with {plant} and starting with
+   {first.get("copy_warmup_steps_run", c1.get("copy_warmup_steps", 0))} copy warm-up steps of
+   {c1.get("copy_batch_size", 0)} × {c1.get("copy_seq_len", 0)}; validation loss
    {first["val_loss_fp32"]:.3f} on {c1["seq_len"]}-token windows.
 - stage 2, long context: {info["steps"]} steps of {c2["batch_size"]} × {c2["seq_len"]} tokens
    from the first stage's weights ({info["wall_s"] / 60:.1f} min). The project's Generative
-   Agents prompts are 1.4k-3.5k tokens with this tokenizer; after stage 1 alone the model's
-   loss at positions 512-1023 was 6.3 nats (noise: the trace's agents answered garbage)
-   against 2.8 at 0-255.
+   Agents prompts are 1.4k-3.5k tokens with this tokenizer; on an earlier version of this model,
+   stage 1 alone left the loss at positions 512-1023 at 6.3 nats (noise: the trace's agents
+   answered garbage) against 2.8 at 0-255.
 
 Both stages: {(first["wall_s"] + info["wall_s"]) / 60:.1f} min on this machine's 2 CPU cores.
 """
@@ -1058,6 +1115,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=TrainConfig.copy_warmup_steps,
         help="first steps whose rows are all copying practice",
     )
+    p.add_argument(
+        "--copy-warmup-until",
+        type=float,
+        default=TrainConfig.copy_warmup_until,
+        help="end the copy warm-up once the induction ratio (2nd/1st copy loss) is this low",
+    )
+    p.add_argument(
+        "--no-plant",
+        action="store_true",
+        help="start from plain random weights (no previous-token head; see induction_init.py)",
+    )
     p.add_argument("--seq-len", type=int, default=TrainConfig.seq_len, help="tokens per row")
     p.add_argument(
         "--resume",
@@ -1078,6 +1146,8 @@ def run_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         repeat_frac=args.repeat_frac,
         copy_warmup_steps=args.copy_warmup_steps,
+        copy_warmup_until=args.copy_warmup_until,
+        plant_prev_token_head=not args.no_plant,
         tie_embeddings=not args.untied,
         seq_len=args.seq_len,
         resume=str(args.resume) if args.resume else None,
