@@ -1,18 +1,21 @@
-"""Train the project's small *trained* Llama model on CPU, evaluate it, write its model card.
+"""Train the project's small *trained* Llama model on CPU (then evaluate it and write its card).
 
 Random-weight models cannot tell a faithful KV reuse from a sloppy one: nothing they output
 depends on the context in a meaningful way. A trained model does (induction heads copy earlier
-spans, attention sinks form on the first tokens), so fidelity numbers measured with it mean
-something. This module trains one in about 20 minutes on one CPU thread:
+spans), so fidelity numbers measured with it mean something. Under 30 minutes on 2 CPU threads:
 
 - corpus: the Python 3.11 HTML docs as prose + the project's GA text (:mod:`.corpus_prose`);
 - tokenizer: the project's byte-level BPE (same special tokens and chat template as
-  :mod:`.tokenizer`), trained on the train split with a 4096 vocabulary;
-- model: ``LlamaForCausalLM`` (RoPE, GQA), 4 layers, hidden 256, 8 heads / 4 KV heads, MLP 688;
-- training: sequences of 256 tokens, AdamW, linear warm-up then cosine decay, a wall-clock budget
-  that fixes the number of steps after a short timing warm-up (or an explicit ``--steps``);
+  :mod:`.tokenizer`), retrained on the train split with a 1,024-token vocabulary;
+- model: ``LlamaForCausalLM`` (RoPE, GQA, tied embeddings), 4 layers, hidden 256, 8 heads / 4 KV
+  heads, MLP 688; layer 0's head 0 planted as a previous-token head (:mod:`.induction_init`);
+- training: a copy warm-up that ends once the induction check passes, then 256-token rows of
+  prose with copying practice mixed in; AdamW, linear warm-up then cosine decay, a wall-clock
+  budget that fixes the number of steps after a short timing warm-up (or ``--steps``); a second
+  stage (``--resume``) continues at 2,048 tokens;
 - output: fp16 safetensors + tokenizer + chat template (``save_pretrained``), the loss curve
-  (JSON + PNG), ``train_info.json``, ``eval.json`` and the model card ``README.md``.
+  (JSON + PNG), ``train_info.json``, ``eval.json`` (:mod:`.measures`) and the model card
+  (:mod:`.model_card`).
 
 Commands (``python -m sglang_tokendance.models.train ...``)::
 
@@ -25,7 +28,6 @@ Commands (``python -m sglang_tokendance.models.train ...``)::
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import math
@@ -40,24 +42,27 @@ from typing import Any
 import numpy as np
 
 from sglang_tokendance.models.induction_init import plant_previous_token_head
+from sglang_tokendance.models.measures import (
+    attention_sink_check,
+    greedy_samples,
+    induction_check,
+    position_loss,
+    text_copy_check,
+    unigram_loss,
+    windows_loss,
+)
+from sglang_tokendance.models.model_card import (
+    CURVE_JSON,
+    CURVE_PNG,
+    EVAL_INFO,
+    TRAIN_INFO,
+    write_card,
+)
 
 logger = logging.getLogger(__name__)
 
 TRAINED_DIR = Path(__file__).parent / "trained"
 SEED = 1234
-CARD = "README.md"
-TRAIN_INFO = "train_info.json"
-EVAL_INFO = "eval.json"
-CURVE_JSON = "loss_curve.json"
-CURVE_PNG = "loss_curve.png"
-
-GREEDY_PROMPTS = (
-    "The Python interpreter",
-    "A list is a",
-    "Arthur Burton is",
-    "Name: Isabella Rodriguez\nAge:",
-    "To open a file for reading,",
-)
 
 
 @dataclass
@@ -221,29 +226,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     frac = min(1.0, (step - cfg.warmup_steps) / span)
     lo = cfg.lr * cfg.min_lr_ratio
     return lo + 0.5 * (cfg.lr - lo) * (1.0 + math.cos(math.pi * frac))
-
-
-def windows_loss(model: Any, stream: np.ndarray, seq_len: int, batch: int = 16) -> float:
-    """Mean next-token loss over non-overlapping windows of ``seq_len`` targets in ``stream``."""
-    import torch
-
-    n = (len(stream) - 1) // seq_len
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, n, batch):
-            rows = [
-                stream[i * seq_len : i * seq_len + seq_len + 1]
-                for i in range(start, min(n, start + batch))
-            ]
-            x = torch.from_numpy(np.stack(rows)).long()
-            logits = model(input_ids=x[:, :-1]).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(loss)
-            count += x[:, 1:].numel()
-    return total / max(1, count)
 
 
 def copy_batch(cfg: TrainConfig, rng: np.random.Generator, vocab: int) -> np.ndarray:
@@ -561,92 +543,6 @@ def load_model(model_dir: Path | None = None) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(str(d))
 
 
-def unigram_loss(train_ids: np.ndarray, targets: np.ndarray, vocab: int) -> float:
-    """Cross-entropy of ``targets`` under add-one-smoothed unigram frequencies of ``train_ids``."""
-    counts = np.bincount(train_ids, minlength=vocab).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(-logp[targets].mean())
-
-
-def copy_losses(model: Any, seq: Any) -> dict[str, float]:
-    """Mean next-token loss on the first and second copy of each row of ``seq`` repeated twice.
-
-    ``seq`` is a ``(trials, length)`` tensor of token ids; each row is fed as ``row + row``.
-    The first token of each copy is excluded (nothing before it to copy from).
-    """
-    import torch
-
-    trials, length = seq.shape
-    x = torch.cat([seq, seq], dim=1)
-    with torch.no_grad():
-        logits = model(input_ids=x).logits.float()
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
-    ).reshape(trials, -1)
-    # losses[:, j] is the loss of predicting token j+1.
-    first = losses[:, : length - 1].mean().item()
-    second = losses[:, length:].mean().item()
-    return {
-        "length": length,
-        "trials": trials,
-        "first_copy_loss": first,
-        "second_copy_loss": second,
-        "ratio": second / first,
-    }
-
-
-def induction_check(
-    model: Any, length: int = 64, trials: int = 16, seed: int = 0, low: int = 256
-) -> dict[str, float]:
-    """Loss on random token sequences repeated twice: first copy vs second copy.
-
-    Tokens are drawn uniformly from ids ``low .. vocab-1`` (merged BPE tokens, no specials).
-    The first copy is unpredictable (loss near ln(vocab) or above); a model with induction
-    heads predicts the second copy from the first.
-
-    Returns:
-        :func:`copy_losses`'s numbers and ``uniform_loss`` (ln of the number of ids drawn from).
-    """
-    import torch
-
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    seq = torch.randint(low, vocab, (trials, length), generator=g)
-    return copy_losses(model, seq) | {"uniform_loss": math.log(vocab - low)}
-
-
-def text_copy_check(
-    model: Any, stream: np.ndarray, length: int = 64, trials: int = 16
-) -> dict[str, float]:
-    """:func:`copy_losses` on passages of real text: ``trials`` evenly spaced windows of
-    ``length`` tokens of ``stream`` (the validation split, never trained on), each repeated."""
-    import torch
-
-    step = (len(stream) - length) // trials
-    rows = [stream[i * step : i * step + length] for i in range(trials)]
-    return copy_losses(model, torch.from_numpy(np.stack(rows)).long())
-
-
-def greedy_samples(
-    model: Any, tokenizer: Any, prompts: Sequence[str] = GREEDY_PROMPTS, new_tokens: int = 40
-) -> list[dict[str, str]]:
-    """Greedy continuations of ``prompts`` (HF ``generate``, no sampling)."""
-    import torch
-
-    out = []
-    for p in prompts:
-        ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            gen = model.generate(
-                ids,
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        out.append({"prompt": p, "completion": tokenizer.decode(gen[0, ids.shape[1] :])})
-    return out
-
-
 def evaluate(
     model_dir: Path | None = None,
     install: bool = True,
@@ -703,376 +599,6 @@ def evaluate(
         result["induction"]["second_copy_loss"],
     )
     return result
-
-
-# -------------------------------------------------------------------------------- model card
-
-
-def write_card(d: Path, ev: dict[str, Any]) -> None:
-    """(Re)write the model card ``README.md`` from ``train_info.json`` and ``ev``."""
-    info = json.loads((d / TRAIN_INFO).read_text()) if (d / TRAIN_INFO).exists() else {}
-    cfg = info.get("config", asdict(TrainConfig()))
-    size_mb = (d / "model.safetensors").stat().st_size / 1e6
-    ind = ev["induction"]
-    tc = ev.get("text_copy") or {
-        "trials": 0,
-        "length": 0,
-        "first_copy_loss": float("nan"),
-        "second_copy_loss": float("nan"),
-        "ratio": float("nan"),
-    }
-    copies = ind["ratio"] < 0.5
-    summary = (
-        f"validation perplexity {ev['val_ppl']:.1f} against {ev['unigram_ppl']:.1f} for token "
-        f"frequencies alone; on a repeated random sequence its loss falls from "
-        f"{ind['first_copy_loss']:.2f} to {ind['second_copy_loss']:.2f} nats on the second copy"
-    )
-    if ev.get("text_copy"):
-        summary += (
-            f", and on a repeated passage of unseen text from {tc['first_copy_loss']:.2f} to "
-            f"{tc['second_copy_loss']:.2f}"
-        )
-    verdict = (
-        "It has learned to use its context: it predicts prose and copies repeated spans"
-        if copies
-        else "WARNING: the induction check does not pass (second copy not below half the first)"
-    )
-    samples = "\n".join(
-        f"- `{json.dumps(s['prompt'])[1:-1]}` → `{json.dumps(s['completion'])[1:-1]}`"
-        for s in ev["greedy"]
-    )
-    sink = ev.get("attention_sink")
-    sink_md = ""
-    if sink:
-        rows = "\n".join(
-            f"| {i} | {a:.3f} | {m:.3f} | {sink['uniform']:.3f} |"
-            for i, (a, m) in enumerate(
-                zip(
-                    sink["first_token_attention"],
-                    sink["first_token_attention_max_head"],
-                    strict=True,
-                )
-            )
-        )
-        sink_md = f"""
-Attention sink: attention weight on each window's first token, averaged over query positions
-{sink["from_pos"]}..{sink["seq_len"] - 1} of {sink["windows"]} validation windows (all heads, and
-the head that attends to it most), against what uniform attention would give.
-
-| layer | mean over heads | top head | uniform |
-|---|---|---|---|
-{rows}
-"""
-    steps = info.get("steps", "?")
-    per_step = info.get("train_loop_s", 0) / max(1, info.get("steps") or 1)
-    budget = f"`--budget-min {cfg['budget_min']:g}`"
-    if cfg.get("steps"):
-        how = (
-            f"the step count was fixed with `--steps {cfg['steps']}` (the default, {budget}, "
-            f"instead fixes it after {cfg['timing_steps']} timed steps so that the command fits)"
-        )
-    else:
-        how = f"the default {budget} fixed the step count after {cfg['timing_steps']} timed steps"
-    if per_step > 1.2:
-        how += (
-            "; the machine was shared with other jobs during this run (one free core does "
-            "about 0.8 s/step)"
-        )
-    pos = ev.get("position_loss", {"windows": 0})
-    pos_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in pos.items() if k != "windows")
-    tied = "tied input/output embeddings" if cfg.get("tie_embeddings") else "untied embeddings"
-    card = f"""# tokendance-trained-llama (≈{info.get("params", 0) / 1e6:.1f}M parameters)
-
-A small **trained** Llama-architecture model for sglang-tokendance's fidelity measurements.
-Random-weight models (`build tiny|small`) output noise whatever the context, so they cannot show
-whether reused KV changes an answer. This one has {summary}. {verdict}. It is not a useful
-language model for anything else.
-
-Directory: `python -m sglang_tokendance.models build trained` prints it. The weights are
-committed (fp16 safetensors, {size_mb:.1f} MB), so tests and CI never train.
-
-## Architecture
-
-- `LlamaForCausalLM`, {cfg["layers"]} layers, hidden {cfg["hidden"]}
-- {cfg["heads"]} attention heads / {cfg["kv_heads"]} KV heads (GQA), head dim
-  {cfg["hidden"] // cfg["heads"]}
-- SwiGLU MLP {cfg["intermediate"]}, RMSNorm, RoPE (theta {cfg["rope_theta"]:g}), {tied}
-- vocabulary {ev.get("vocab", cfg["vocab_size"])}: the project's byte-level BPE (same special
-  tokens and ChatML chat template as the `tiny`/`small` models), trained on this corpus's train
-  split
-- stored in fp16; load it in float32 (`ServerProcess(dir, ["--dtype", "float32"])`, the CPU
-  default)
-
-`max_position_embeddings` is **{cfg["max_positions"]}** although training used
-{cfg["seq_len"]}-token windows: SGLang caps a request's context at this value, and the project's
-Generative Agents prompts and multi-round traces run to a few thousand tokens, which must be
-accepted. RoPE has no learned position table, so allowing positions past {cfg["seq_len"]} costs
-nothing; quality degrades there (positions never seen in training), but the model stays
-deterministic and context-dependent, which is what fidelity comparisons need (the same prompt
-with and without KV reuse must give the same output).
-
-## Training data
-
-- The Python 3.11 documentation (Debian `python3.11-doc`, `/usr/share/doc/python3.11/html`),
-  turned into plain prose with the standard library's `html.parser`: page bodies only; code
-  blocks, navigation, indexes and permalink marks dropped (`corpus_prose.py`). PSF license.
-- The project's Generative Agents text (`models/corpus/generative_agents.txt`, Apache-2.0),
-  cut into 12-line blocks and repeated 4 times so agent-style prompts are in-domain.
-- Split by a hash of each document's name: ~98% train / ~2% validation (whole pages).
-- Train {info.get("train_tokens", 0):,} tokens, validation {info.get("val_tokens", 0):,} tokens.
-
-## Training
-{_stages(info)}
-- seed {cfg["seed"]}, `torch.set_num_threads({cfg["threads"]})`
-- batch {cfg["batch_size"]} × {cfg["seq_len"]} tokens at random offsets of the train stream
-  (documents joined with EOS)
-{_warmup_line(cfg, info)}- {cfg.get("repeat_frac", 0.0):.0%} of rows are copying practice (a window
-  of text, 0 to {cfg["seq_len"] // 2} tokens, then 8–64 random ids repeated to the end of the
-  row) and the others plain text windows. See "Why tied embeddings, copying practice and a
-  planted previous-token head" below
-- AdamW (betas {tuple(cfg["betas"])}, weight decay {cfg["weight_decay"]} on matrices), lr
-  {cfg["lr"]:g}, {cfg["warmup_steps"]} warm-up steps, cosine decay to {cfg["min_lr_ratio"]:g}×,
-  gradient clip {cfg["grad_clip"]}
-- {steps} steps ({info.get("tokens_seen", 0) / 1e6:.2f}M tokens) in
-  {info.get("train_loop_s", 0) / 60:.1f} min of training ({per_step:.2f} s/step),
-  {info.get("wall_s", 0) / 60:.1f} min for the command up to the final validation; {how}
-- final train loss (mean of the last 50 steps) {info.get("final_train_loss_avg50", 0):.3f};
-  loss curve in `loss_curve.png` / `loss_curve.json`
-
-Rebuild: `{info.get("rebuild", "python -m sglang_tokendance.models train")}` (deterministic for
-a fixed step count on the same torch build and CPU).
-
-### Why tied embeddings, copying practice and a planted previous-token head
-
-An induction head (the circuit that copies from context: "... A B ... A" -> "B") is two heads in
-series: a previous-token head, and a later head that matches the current token against what it
-wrote. Neither lowers the loss alone, so training sits on a plateau until both appear at once,
-and the plateau grows with the vocabulary. The budget is about 4,000 steps of 2k tokens (2 CPU
-threads, under 30 minutes). Measured while building this model (induction ratio = second-copy /
-first-copy loss; 1.0 means no copying):
-
-- vocabulary 4,096, untied embeddings, 1,174 steps, 20% of rows ending by repeating their own
-  last 16–128 tokens: ratio 1.00 (validation ppl 64.5);
-- vocabulary 1,024, tied, 600 warm-up steps of 32 × 64 copy rows, then prose with 20% copy rows
-  (the previous version of this model): 0.84 after the warm-up, 0.88 at the end;
-- copy rows alone (16 × 128, periods 8–64), lr 1e-3, from random weights: 2 layers still 0.87
-  after 1,150 steps, 4 layers 0.98 after 600; fine-tuning the previous model on 50% copy rows:
-  0.88 after 800 steps. All on the plateau;
-- the same copy rows with layer 0's head 0 **planted as a previous-token head** at initialisation
-  (`induction_init.py`: a constant embedding channel, which tied logits ignore, read by that
-  head's q/k so that RoPE makes it attend one token back; everything stays trainable): 2 layers
-  leave the plateau at step ~500 and reach 0.05 by step 750.
-
-So the model ties its embeddings (as small Llamas do, e.g. Llama 3.2 1B/3B; an ordinary config
-flag that SGLang loads), uses a 1,024-token vocabulary, starts with the planted head and a copy
-warm-up that ends as soon as the check passes, then learns prose with copying practice mixed in
-so the circuit stays. {_warmup_record(info)}Because the random-id check resembles the warm-up
-data, the evaluation also measures copying of **real text from the validation split** (never
-trained on), which is what KV-reuse fidelity depends on.
-
-## Evaluation
-
-Measured on the committed fp16 weights (loaded in float32) by
-`python -m sglang_tokendance.models.train evaluate`, which writes `eval.json` and this card.
-
-| metric | value |
-|---|---|
-| validation loss (nats/token) | {ev["val_loss"]:.3f} |
-| **validation perplexity** | **{ev["val_ppl"]:.1f}** |
-| unigram baseline perplexity (train token frequencies, add-one) | {ev["unigram_ppl"]:.1f} |
-| validation tokens scored (non-overlapping {cfg["seq_len"]}-token windows) | \
-{ev["val_tokens_scored"]:,} |
-
-Loss by position on {pos["windows"]} validation windows of 1,024 tokens (training used
-{cfg["seq_len"]}; positions past that are RoPE extrapolation):
-
-| positions | loss (nats) |
-|---|---|
-{pos_rows}
-
-Induction check: {ind["trials"]} random sequences of {ind["length"]} tokens (uniform over
-non-byte, non-special ids), each repeated twice; mean next-token loss on each copy (the first
-token of each copy excluded). Uniform guessing costs {ind["uniform_loss"]:.2f} nats.
-
-| | loss (nats) |
-|---|---|
-| first copy | {ind["first_copy_loss"]:.3f} |
-| second copy | {ind["second_copy_loss"]:.3f} |
-| ratio second / first | {ind["ratio"]:.3f} |
-{sink_md}
-Copying real text: {tc["trials"]} passages of {tc["length"]} tokens of the validation split,
-each repeated twice (same measure).
-
-| | loss (nats) |
-|---|---|
-| first copy | {tc["first_copy_loss"]:.3f} |
-| second copy | {tc["second_copy_loss"]:.3f} |
-| ratio second / first | {tc["ratio"]:.3f} |
-
-Greedy continuations (40 new tokens, HF `generate`, no BOS):
-
-{samples}
-
-## Files
-
-`model.safetensors`, `config.json`, `generation_config.json`, tokenizer files
-(`tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`), `tokendance_model.json`,
-`train_info.json`, `eval.json`, `loss_curve.json`, `loss_curve.png`, this card.
-"""
-    (d / CARD).write_text(_reflow(card))
-
-
-def _warmup_line(cfg: dict[str, Any], info: dict[str, Any]) -> str:
-    """The card's bullet on this stage's copy warm-up ("" when it had none)."""
-    run = info.get("copy_warmup_steps_run", cfg.get("copy_warmup_steps", 0))
-    if not run:
-        return ""
-    return (
-        f"- copy warm-up: the first {run} steps (at most {cfg['copy_warmup_steps']}; it ends at"
-        f" the first check with induction ratio <= {cfg.get('copy_warmup_until', 0):g}) are"
-        f" batches of {cfg['copy_batch_size']} rows × {cfg['copy_seq_len']} tokens, each 8 to"
-        f" {cfg['copy_seq_len'] // 2} random token ids repeated to the end of the row, lr capped"
-        f" at {cfg.get('copy_lr', cfg['lr']):g}\n"
-    )
-
-
-def _warmup_record(info: dict[str, Any]) -> str:
-    """A sentence with the induction checks of the run's copy warm-up, from its curve."""
-    stage = info.get("previous_stage") or info
-    curve = stage.get("val_probe") or []
-    run = stage.get("copy_warmup_steps_run")
-    if not curve or not run:
-        return ""
-    pts = ", ".join(
-        f"{p['induction_ratio']:.2f} at step {p['step']}" for p in curve if p["step"] <= run
-    )
-    after = [p["induction_ratio"] for p in curve if p["step"] > run]
-    tail = (
-        f"; through the prose that followed it stayed between {min(after):.2f} and {max(after):.2f}"
-        if after
-        else ""
-    )
-    return f"In this model's warm-up the induction ratio went {pts}{tail}. "
-
-
-def _stages(info: dict[str, Any]) -> str:
-    """The card's paragraph on a two-stage run (empty for a single stage)."""
-    first = info.get("previous_stage")
-    if not first:
-        return ""
-    c1, c2 = first["config"], info["config"]
-    plant = (
-        "layer 0's head 0 planted as a previous-token head (see below)"
-        if c1.get("plant_prev_token_head")
-        else "no planted head"
-    )
-    return f"""
-Two stages; this directory holds the result of the second, and the list below describes it.
-
-- stage 1, `{first.get("rebuild", "?")}`: {first["steps"]} steps of {c1["batch_size"]} ×
-   {c1["seq_len"]} tokens ({first["tokens_seen"] / 1e6:.2f}M tokens,
-   {first["wall_s"] / 60:.1f} min), from random weights with {plant} and starting with
-   {first.get("copy_warmup_steps_run", c1.get("copy_warmup_steps", 0))} copy warm-up steps of
-   {c1.get("copy_batch_size", 0)} × {c1.get("copy_seq_len", 0)}; validation loss
-   {first["val_loss_fp32"]:.3f} on {c1["seq_len"]}-token windows.
-- stage 2, long context: {info["steps"]} steps of {c2["batch_size"]} × {c2["seq_len"]} tokens
-   from the first stage's weights ({info["wall_s"] / 60:.1f} min). The project's Generative
-   Agents prompts are 1.4k-3.5k tokens with this tokenizer; on an earlier version of this model,
-   stage 1 alone left the loss at positions 512-1023 at 6.3 nats (noise: the trace's agents
-   answered garbage) against 2.8 at 0-255.
-
-Both stages: {(first["wall_s"] + info["wall_s"]) / 60:.1f} min on this machine's 2 CPU cores.
-"""
-
-
-def _reflow(md: str, width: int = 100) -> str:
-    """Re-wrap the card's prose paragraphs and list items to ``width`` (tables/headings kept)."""
-    import textwrap
-
-    out: list[str] = []
-    for block in md.split("\n\n"):
-        lines = block.split("\n")
-        if any(ln.startswith(("|", "#", "```")) for ln in lines):
-            out.append(block)
-            continue
-        items: list[list[str]] = []
-        for ln in lines:
-            if ln.startswith("- ") or not items:
-                items.append([ln])
-            else:
-                items[-1].append(ln)
-        wrapped = []
-        for item in items:
-            text = " ".join(x.strip() for x in item)
-            bullet = item[0].startswith("- ")
-            wrapped.append(
-                textwrap.fill(
-                    text,
-                    width=width,
-                    subsequent_indent="  " if bullet else "",
-                    break_long_words=False,
-                    break_on_hyphens=False,
-                )
-            )
-        out.append("\n".join(wrapped))
-    return "\n\n".join(out)
-
-
-def position_loss(
-    model: Any, stream: np.ndarray, seq_len: int = 1024, edges: Sequence[int] = (0, 256, 512, 1024)
-) -> dict[str, float]:
-    """Mean next-token loss by position bucket on non-overlapping ``seq_len`` windows of ``stream``.
-
-    Shows how the model fares past the 256 positions it was trained on (RoPE extrapolation).
-    Returns ``{"0-255": loss, "256-511": loss, ...}``.
-    """
-    import torch
-
-    n = (len(stream) - 1) // seq_len
-    sums = np.zeros(seq_len)
-    with torch.no_grad():
-        for i in range(n):
-            x = torch.from_numpy(stream[i * seq_len : (i + 1) * seq_len + 1]).long()[None]
-            logits = model(input_ids=x[:, :-1]).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="none")
-            sums += loss.numpy()
-    per_pos = sums / max(1, n)
-    out: dict[str, float] = {"windows": n}
-    for lo, hi in itertools.pairwise(edges):
-        out[f"{lo}-{hi - 1}"] = float(per_pos[lo:hi].mean())
-    return out
-
-
-def attention_sink_check(
-    model: Any, stream: np.ndarray, seq_len: int = 256, windows: int = 8, from_pos: int = 32
-) -> dict[str, Any]:
-    """Mean attention on each window's first token, per layer (eager attention, no grad).
-
-    Averaged over heads and query positions ``from_pos .. seq_len-1`` of the first ``windows``
-    non-overlapping windows of ``stream``; ``uniform`` is what uniform causal attention gives.
-    """
-    import torch
-
-    rows = [stream[i * seq_len : (i + 1) * seq_len] for i in range(windows)]
-    x = torch.from_numpy(np.stack(rows)).long()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attn = model(input_ids=x, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(previous)
-    first = [float(a[:, :, from_pos:, 0].mean()) for a in attn]
-    head_max = [float(a[:, :, from_pos:, 0].mean(dim=(0, 2)).max()) for a in attn]
-    uniform = float(np.mean([1.0 / (q + 1) for q in range(from_pos, seq_len)]))
-    return {
-        "windows": windows,
-        "seq_len": seq_len,
-        "from_pos": from_pos,
-        "first_token_attention": first,
-        "first_token_attention_max_head": head_max,
-        "uniform": uniform,
-    }
 
 
 # -------------------------------------------------------------------------------------- CLI
