@@ -81,13 +81,9 @@ def previous_token_attention(model: Any, input_ids: Any, layer: int = 0) -> list
     """Mean attention each head of ``layer`` puts on the previous token (eager attention)."""
     import torch
 
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attn = model(input_ids=input_ids, output_attentions=True).attentions[layer]
-    finally:
-        model.set_attn_implementation(previous)
+    from sglang_tokendance.models.measures import eager_attentions
+
+    attn = eager_attentions(model, input_ids)[layer]
     n = attn.shape[-1]
     rows = torch.arange(1, n)
     return attn[:, :, rows, rows - 1].mean(dim=(0, 2)).tolist()

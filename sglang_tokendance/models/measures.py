@@ -169,13 +169,7 @@ def attention_sink_check(
 
     rows = [stream[i * seq_len : (i + 1) * seq_len] for i in range(windows)]
     x = torch.from_numpy(np.stack(rows)).long()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attn = model(input_ids=x, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(previous)
+    attn = eager_attentions(model, x)
     first = [float(a[:, :, from_pos:, 0].mean()) for a in attn]
     head_max = [float(a[:, :, from_pos:, 0].mean(dim=(0, 2)).max()) for a in attn]
     uniform = float(np.mean([1.0 / (q + 1) for q in range(from_pos, seq_len)]))
@@ -187,3 +181,20 @@ def attention_sink_check(
         "first_token_attention_max_head": head_max,
         "uniform": uniform,
     }
+
+
+def eager_attentions(model: Any, input_ids: Any) -> tuple[Any, ...]:
+    """Every layer's attention weights ``[batch, heads, q, k]`` (eager attention, no grad).
+
+    Fused attention kernels do not return weights, so the model runs once with HF's eager
+    implementation and is switched back after.
+    """
+    import torch
+
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(previous)
