@@ -167,9 +167,9 @@ first-copy loss; 1.0 means no copying):
   last 16–128 tokens: ratio 1.00 (validation ppl 64.5);
 - vocabulary 1,024, tied, 600 warm-up steps of 32 × 64 copy rows, then prose with 20% copy rows
   (the previous version of this model): 0.84 after the warm-up, 0.88 at the end;
-- copy rows alone (16 × 128, periods 8–64), lr 1e-3, from random weights: 2 layers still 0.87
-  after 1,150 steps, 4 layers 0.98 after 600; fine-tuning the previous model on 50% copy rows:
-  0.88 after 800 steps. All on the plateau;
+- copy rows alone (16 × 128, periods 8–64), from random weights: 2 layers at lr 1e-3 still 0.87
+  after 1,150 steps, 4 layers at lr 3e-3 0.98 after 600; fine-tuning the previous model on 50%
+  copy rows (lr 1e-3): 0.88 after 800 steps. All on the plateau;
 - the same copy rows with layer 0's head 0 **planted as a previous-token head** at initialisation
   (`induction_init.py`: a constant embedding channel, which tied logits ignore, read by that
   head's q/k so that RoPE makes it attend one token back; everything stays trainable): 2 layers
