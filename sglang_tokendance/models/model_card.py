@@ -161,7 +161,9 @@ series: a previous-token head, and a later head that matches the current token a
 wrote. Neither lowers the loss alone, so training sits on a plateau until both appear at once,
 and the plateau grows with the vocabulary. The budget is about 4,000 steps of 2k tokens (2 CPU
 threads, under 30 minutes). Measured while building this model (induction ratio = second-copy /
-first-copy loss; 1.0 means no copying):
+first-copy loss; 1.0 means no copying). These were exploratory runs, one seed each, from scratch
+scripts that are not in the repository: read them as the reasons for the recipe, not as
+reproducible results. Only this model's own warm-up record (below) comes from `train`:
 
 - vocabulary 4,096, untied embeddings, 1,174 steps, 20% of rows ending by repeating their own
   last 16–128 tokens: ratio 1.00 (validation ppl 64.5);
