@@ -135,7 +135,7 @@ class Collector:
             computes = [u for u in lay.shared if u.seg_id in missing]
             if computes:
                 # Phase A: full prefill in this agent's context; its rows become the masters.
-                self._make_master_agent(req, computes, min(u.start for u in lay.shared))
+                self._make_master_agent(req, computes, lay.prefix_len)
                 missing -= {u.seg_id for u in computes}
                 state.masters_pending.add(req.rid)
                 now.append(req)
@@ -269,6 +269,8 @@ class Collector:
         true_ids = layout_of(req).true_ids if row_pos is not None else req.origin_input_ids
         for use in authored:
             if row_pos is None:  # a true-order row
+                if use.start < req.kv.cache_protected_len:
+                    continue  # the tree owns part of it (never expected: the match is capped)
                 idx = torch.arange(use.start, use.end)
             else:  # a fully fresh segment is one contiguous run of the fresh region
                 idx = torch.nonzero((row_pos >= use.start) & (row_pos < use.end)).flatten()
@@ -309,7 +311,9 @@ class Collector:
             idx = idx[order]
             slots = row_slots[idx].to(torch.int64).clone()
             indices = use.recompute + use.node_offset
-            self.cache.attach_mirror(lay.round_id, lay.agent, use.node, indices, slots)
+            self.cache.attach_mirror(
+                lay.round_id, lay.agent, use.node, indices, slots, req_pool_idx=row, at=use.start
+            )
             ranges = _runs(idx)
             self.cache.claim_row_ranges(row, ranges)
 

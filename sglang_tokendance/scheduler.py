@@ -21,11 +21,11 @@ from typing import Any
 from sglang_tokendance.collector import ATTR, Collector, layout_of
 from sglang_tokendance.config import TokenDanceConfig
 from sglang_tokendance.rounds import RoundBarrier
+from sglang_tokendance.watch import IntegrityWatch
 
 logger = logging.getLogger(__name__)
 
 STATE_ATTR = "_tokendance"
-_DEBUG = bool(__import__("os").environ.get("TOKENDANCE_DEBUG_ACCOUNTING"))
 RELEASED_ATTR = "_tokendance_released"
 
 
@@ -40,6 +40,7 @@ class TokenDanceScheduler:
         self.started = time.monotonic()
         self.peak_used_tokens = 0
         self.rounds: dict[str, RoundCounters] = {}
+        self.watch = IntegrityWatch() if IntegrityWatch.enabled() else None
         logger.info("TokenDance scheduler ready (mode=%s)", cfg.mode)
 
     # ---- accounting -----------------------------------------------------------------------
@@ -48,20 +49,6 @@ class TokenDanceScheduler:
         sched = self.scheduler
         alloc = sched.token_to_kv_pool_allocator
         used = int(alloc.size - alloc.available_size() - sched.tree_cache.evictable_size())
-        if _DEBUG:
-            tc = sched.tree_cache
-            logger.warning(
-                "ACCT mode=%s reqs=%s avail=%d evict=%d prot=%d (radix %d/%d store %d borrowed %d)",
-                batch.forward_mode,
-                [r.rid[:4] for r in batch.reqs],
-                alloc.available_size(),
-                tc.evictable_size(),
-                tc.protected_size(),
-                tc.evictable_size_,
-                tc.protected_size_,
-                tc.store.protected_tokens,
-                tc.borrowed_tokens,
-            )
         self.peak_used_tokens = max(self.peak_used_tokens, used)
         seen: set[str] = set()
         for req in batch.reqs:
@@ -239,6 +226,8 @@ def install_hooks() -> None:
             return
         if batch.forward_mode.is_extend():
             td.after_prefill(batch)
+        if td.watch is not None:
+            td.watch.check(scheduler, batch)
         td.observe_batch(batch)
 
     def around_abort(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kw: Any) -> Any:

@@ -60,14 +60,13 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         pool_tokens=int(scheduler.token_to_kv_pool_allocator.size),
         held_requests=td.barrier.held(),
         per_round=td.round_report(bpt),
+        watch=td.watch.to_dict() if td.watch is not None else None,
     )
     out["integrity"] = _integrity(scheduler, td)
     if td.rounds and hasattr(cache, "store"):
         rid = next(reversed(td.rounds))
-        last_store = cache.stats(bpt, round_id=rid)
-        nodes = {id(m.node): m.node for m in cache.store.mirrors() if m.key.round_id == rid}
+        last_store = cache.round_stats(rid, bpt)  # the round at its fullest (the ledger)
         last_store["round"] = rid
-        last_store["segment_lengths"] = sorted(n.length for n in nodes.values())
         out["store_last_round"] = last_store
     last = out["per_round"][-1] if out["per_round"] else None
     out["last_round"] = last
@@ -88,7 +87,7 @@ def _integrity(scheduler: Any, td: Any) -> str:
     if check is None:
         return "n/a"
     try:
-        check()
+        check(idle=True)
     except AssertionError as e:
         return str(e)
     return "ok"

@@ -97,10 +97,48 @@ def _row_problems(cache: TokenDanceRadixCache, held: torch.Tensor) -> list[str]:
     return problems
 
 
-def cache_problems(cache: TokenDanceRadixCache, request_owned: list[torch.Tensor]) -> list[str]:
-    """Every broken invariant of ``cache`` with the allocator and the running requests."""
+def _row_mirror_problems(cache: TokenDanceRadixCache) -> list[str]:
+    """A row's mirrors must exist (a mirror only goes with its row or its master's eviction,
+    and a running row pins the master it mirrors)."""
+    out = []
+    for row, claim in cache.row_claims().items():
+        gone = [k for k in claim.mirrors if cache.store.get_mirror_by_key(k) is None]
+        if gone:
+            out.append(f"row {row} lists mirrors that are gone: {gone[:4]}")
+    return out
+
+
+def idle_problems(cache: TokenDanceRadixCache) -> list[str]:
+    """With no request running or held, nothing can read protected KV: any is a leak."""
+    out = []
+    claims = cache.row_claims()
+    if claims:
+        out.append(f"idle, yet rows {sorted(claims)[:8]} still hold claims (released requests?)")
+    row_mirrors = list(cache.store.mirrors())
+    if row_mirrors:
+        slots = sum(m.num_slots for m in row_mirrors)
+        out.append(
+            f"idle, yet {len(row_mirrors)} mirrors ({slots} slots) are held, e.g. "
+            f"{row_mirrors[0].key}: no running request can read them (leaked diffs)"
+        )
+    pinned = [n for n in cache.store.nodes() if n.pin_count]
+    if pinned:
+        out.append(f"idle, yet {len(pinned)} masters are pinned, e.g. {pinned[0]!r}")
+    if cache.protected_size_:
+        out.append(f"idle, yet the radix tree protects {cache.protected_size_} tokens")
+    return out
+
+
+def cache_problems(
+    cache: TokenDanceRadixCache, request_owned: list[torch.Tensor], *, idle: bool = False
+) -> list[str]:
+    """Every broken invariant of ``cache`` with the allocator and the running requests
+    (and, when ``idle``, anything still protected: see :func:`idle_problems`)."""
     allocator = cache.token_to_kv_pool_allocator
     problems = cache.store.integrity_problems()
+    problems += _row_mirror_problems(cache)
+    if idle:
+        problems += idle_problems(cache)
     radix_chunks, radix_problems = _radix_chunks(cache)
     problems += radix_problems
     store_chunks = cache.store.owned_chunks()

@@ -41,8 +41,10 @@ class MirrorOps:
         node: AllGatherNode,
         indices: torch.Tensor | Sequence[int],
         slots: torch.Tensor | Sequence[int],
+        at: int = 0,
     ) -> Mirror:
-        """Give ``agent`` a mirror of ``node`` for ``round_id``; the store takes ``slots``.
+        """Give ``agent`` a mirror of ``node`` for ``round_id`` (the occurrence starting at
+        prompt position ``at``); the store takes ``slots``.
 
         An existing mirror with the same key is replaced and its slots are freed (except any
         that the new mirror reuses).
@@ -61,7 +63,7 @@ class MirrorOps:
             raise ValueError(f"{idx.numel()} mirror indices but {own.numel()} slots")
         if own.numel() and int(own.min()) < 1:
             raise ValueError("slot 0 is SGLang's padding slot and cannot hold mirror KV")
-        key = MirrorKey(round_id, agent, node.node_id)
+        key = MirrorKey(round_id, agent, node.node_id, int(at))
         self._leave(node)
         old = self._mirrors.pop(key, None)
         if old is not None:
@@ -78,16 +80,21 @@ class MirrorOps:
         self.touch(node)
         return mirror
 
-    def get_mirror(self, round_id: str, agent: str, node: AllGatherNode) -> Mirror | None:
-        return self._mirrors.get(MirrorKey(round_id, agent, node.node_id))
+    def get_mirror(
+        self, round_id: str, agent: str, node: AllGatherNode, at: int = 0
+    ) -> Mirror | None:
+        return self._mirrors.get(MirrorKey(round_id, agent, node.node_id, int(at)))
 
-    def resolve(self, round_id: str, agent: str, node: AllGatherNode) -> torch.Tensor:
+    def get_mirror_by_key(self, key: MirrorKey) -> Mirror | None:
+        return self._mirrors.get(key)
+
+    def resolve(self, round_id: str, agent: str, node: AllGatherNode, at: int = 0) -> torch.Tensor:
         """``agent``'s slot list for ``node`` in ``round_id`` (see :func:`nodes.resolve`).
 
         Raises:
             KeyError: if the agent has no mirror of that segment in that round.
         """
-        mirror = self.get_mirror(round_id, agent, node)
+        mirror = self.get_mirror(round_id, agent, node, at)
         if mirror is None:
             raise KeyError(f"no mirror for round {round_id!r}, agent {agent!r}, {node!r}")
         self.touch(node)
@@ -119,6 +126,15 @@ class MirrorOps:
         ]
         freed = [self._drop_mirror(m) for m in chosen]
         return self._free_all(freed)
+
+    def release_mirror_keys(self, keys: Iterable[MirrorKey]) -> int:
+        """Drop the mirrors with these keys (missing ones: already gone with their master).
+
+        Returns:
+            the number of slots freed.
+        """
+        chosen = [m for k in keys if (m := self._mirrors.get(k)) is not None]
+        return self._free_all([self._drop_mirror(m) for m in chosen])
 
     def _free_all(self, tensors: Iterable[torch.Tensor]) -> int:
         parts = [t for t in tensors if t.numel()]

@@ -44,11 +44,17 @@ def token_hash(token_ids: tuple[int, ...]) -> int:
 
 
 class MirrorKey(NamedTuple):
-    """Identity of a mirror: one agent's view of one segment in one round."""
+    """Identity of a mirror: one agent's view of one segment in one round, at one place.
+
+    ``at`` is where the segment starts in the agent's prompt (true token position): the same
+    master may occur twice in one prompt (two agents said the same thing), and each occurrence
+    was recomputed in its own context, so each has its own mirror.
+    """
 
     round_id: str
     agent: str
     node_id: SegmentId
+    at: int = 0
 
 
 @dataclass(slots=True, eq=False)

@@ -20,6 +20,7 @@ other policies' priorities (hit counts, creation times) have no master counterpa
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import time
@@ -41,6 +42,7 @@ from ..positions import PositionTable, get_position_table
 from . import laid_out
 from .authored import AuthoredHit, AuthoredIndex
 from .integrity import cache_problems, kv_bytes_per_token
+from .ledger import RoundLedger
 from .nodes import AllGatherNode, HashFn, Mirror, token_hash
 from .rows import Range, RowClaim, subtract_ranges
 from .store import IntegrityError, SegmentInsert, SegmentStore, TokenIds
@@ -84,7 +86,7 @@ class TokenDanceRadixCache(RadixCache):
         self.store = SegmentStore(self._free_slots, hash_fn=hash_fn, clock=time.monotonic)
         self._rows: dict[int, RowClaim] = {}
         self._borrowed_tokens = 0
-        self._agent_rounds: dict[str, list[str]] = {}
+        self.ledger = RoundLedger()
         self.authored = AuthoredIndex()
         # Set by the collector (master policy "author"): a finished TokenDance request's output
         # KV becomes a master instead of being freed.
@@ -108,7 +110,7 @@ class TokenDanceRadixCache(RadixCache):
         self.store.clear()
         self._rows.clear()
         self._borrowed_tokens = 0
-        self._agent_rounds.clear()
+        self.ledger.clear()
         self.authored.clear()
         positions = getattr(self, "positions", None)
         if positions is not None:
@@ -156,6 +158,12 @@ class TokenDanceRadixCache(RadixCache):
         """Laid-out requests: match the private prefix and lay out the row (laid_out.py)."""
         lay = laid_out.layout_of(params.req)
         if lay is None or self.disable:
+            cap = getattr(params.req, INSERT_CAP_ATTR, None) if params.req is not None else None
+            if cap is not None and len(params.key) > cap:
+                # A master agent computes its shared segments itself and hands their slots to
+                # the store: the tree may give it its private prefix only, never a slot inside
+                # a segment (that slot would then have two owners).
+                params = dataclasses.replace(params, key=params.key[:cap])
             return super().match_prefix(params)
         return laid_out.match_laid_out(self, super().match_prefix, params, lay)
 
@@ -225,24 +233,16 @@ class TokenDanceRadixCache(RadixCache):
         super().free_kv_row(kv, ranges)
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
-        """Unpin the masters the row pinned, forget its claim and clear its layout."""
+        """Free the row's mirrors, unpin the masters it pinned, forget its claim and layout.
+
+        SGLang has already freed the row's own slots (``free_kv_row``, which skipped the
+        claimed ranges); the mirror slots among those ranges go back here, so a mirror never
+        outlives the request that made it (nothing reads an agent's diff after its request).
+        """
         row = req.kv.req_pool_idx
         self.release_row(row)
         laid_out.release_unadmitted(self, req)
-        who = getattr(req, AGENT_ATTR, None)  # (agent, round) of any TokenDance request
-        if who is not None:
-            self._drop_older_mirrors(*who)
         super().on_release(req, checkpointed=checkpointed)
-
-    def _drop_older_mirrors(self, agent: str, round_id: str) -> None:
-        """Keep an agent's mirrors of its latest finished round only (older diffs are dead)."""
-        rounds = self._agent_rounds.get(agent, [])
-        if round_id not in rounds:
-            return
-        older = rounds[: rounds.index(round_id)]
-        for r in older:
-            self.store.release_mirrors(agent=agent, round_id=r)
-        self._agent_rounds[agent] = rounds[len(older) :]
 
     def _insert_limit(self, row: int | None) -> int | None:
         """Row entries past this index are not in true token order / not the request's own."""
@@ -279,23 +279,54 @@ class TokenDanceRadixCache(RadixCache):
         node: AllGatherNode,
         indices: torch.Tensor | Sequence[int],
         slots: torch.Tensor | Sequence[int],
+        *,
+        req_pool_idx: int | None = None,
+        at: int = 0,
     ) -> Mirror:
         """Give ``agent`` a mirror of ``node`` in ``round_id``; the cache takes ``slots``.
 
-        Replaces (and frees) a previous mirror with the same key. If ``slots`` come from a
-        running request's row, also :meth:`claim_row_ranges` them.
+        Args:
+            req_pool_idx: the row of the request whose prefill computed ``slots``: the mirror
+                is then freed when that request is released (the serving path always passes
+                it). Without it the mirror lives until :meth:`release_mirrors` or eviction.
+            at: where the segment starts in the agent's prompt (one mirror per occurrence).
+
+        A previous row-less mirror with the same key is replaced (and freed). If ``slots`` come
+        from a running request's row, also :meth:`claim_row_ranges` them.
+
+        Raises:
+            ValueError: if a running row's mirror already has this key (replacing it would free
+                slots under that request), or as :meth:`SegmentStore.attach_mirror`.
         """
-        rounds = self._agent_rounds.setdefault(agent, [])
-        if round_id not in rounds:
-            rounds.append(round_id)
-        return self.store.attach_mirror(round_id, agent, node, indices, slots)
+        old = self.store.get_mirror(round_id, agent, node, at)
+        if old is not None and any(old.key in c.mirrors for c in self._rows.values()):
+            raise ValueError(f"{old!r} belongs to a running request; it cannot be replaced")
+        mirror = self.store.attach_mirror(round_id, agent, node, indices, slots, at)
+        if req_pool_idx is not None:
+            self._rows.setdefault(req_pool_idx, RowClaim()).mirrors.append(mirror.key)
+        self.ledger.record(mirror)
+        return mirror
 
-    def get_mirror(self, round_id: str, agent: str, node: AllGatherNode) -> Mirror | None:
-        return self.store.get_mirror(round_id, agent, node)
+    def get_mirror(
+        self, round_id: str, agent: str, node: AllGatherNode, at: int = 0
+    ) -> Mirror | None:
+        return self.store.get_mirror(round_id, agent, node, at)
 
-    def resolve_mirror(self, round_id: str, agent: str, node: AllGatherNode) -> torch.Tensor:
+    def resolve_mirror(
+        self, round_id: str, agent: str, node: AllGatherNode, at: int = 0
+    ) -> torch.Tensor:
         """The agent's ``L`` slots for the segment. Raises KeyError without a mirror."""
-        return self.store.resolve(round_id, agent, node)
+        return self.store.resolve(round_id, agent, node, at)
+
+    def round_stats(self, round_id: str, kv_bytes_per_token: int | None = None) -> dict[str, Any]:
+        """What ``round_id``'s mirrors stored at their fullest (the ledger: mirrors are freed
+        with their requests), with bytes given the bytes per token."""
+        out: dict[str, Any] = self.ledger.stats(round_id)
+        if kv_bytes_per_token is not None:
+            for name in ("master", "mirror", "dense_equiv", "stored"):
+                out[f"{name}_bytes"] = int(out[f"{name}_tokens"]) * kv_bytes_per_token
+            out["saved_bytes"] = out["dense_equiv_bytes"] - out["stored_bytes"]
+        return out
 
     def release_mirrors(self, agent: str | None = None, round_id: str | None = None) -> int:
         """Free the matching mirrors (None matches all); returns slots freed."""
@@ -327,6 +358,7 @@ class TokenDanceRadixCache(RadixCache):
         claim = self._rows.pop(req_pool_idx, None)
         if claim is not None:
             self._borrowed_tokens -= claim.foreign_tokens
+            self.store.release_mirror_keys(claim.mirrors)
             for node in claim.pinned:
                 self.store.unpin(node)
         if self.positions is not None and self.positions.has_layout(req_pool_idx):
@@ -361,17 +393,21 @@ class TokenDanceRadixCache(RadixCache):
             out["saved_bytes"] = out["dense_equiv_bytes"] - out["stored_bytes"]
         return out
 
-    def check_integrity(self, request_owned: Iterable[torch.Tensor] = ()) -> None:
+    def check_integrity(
+        self, request_owned: Iterable[torch.Tensor] = (), *, idle: bool = False
+    ) -> None:
         """Check the store, the radix sizes and a census of every slot of the real allocator.
 
         Args:
             request_owned: slots running requests own (their rows minus tree-owned prefix and
                 claimed ranges; see ``row_owned_slots``). Call outside allocator free groups.
+            idle: no request is running or held: then nothing may be protected (no row claims,
+                pins, serving-path mirrors or radix locks), since nothing could read it.
 
         Raises:
             IntegrityError: naming leaked and double-owned slots and any other broken invariant.
         """
-        problems = cache_problems(self, list(request_owned))
+        problems = cache_problems(self, list(request_owned), idle=idle)
         if problems:
             raise IntegrityError("TokenDanceRadixCache integrity:\n  " + "\n  ".join(problems))
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .nodes import AllGatherNode
+from .nodes import AllGatherNode, MirrorKey
 
 Range = tuple[int, int]
 
@@ -71,10 +71,12 @@ class RowClaim:
     Attributes:
         foreign: sorted disjoint row ranges whose slots belong to masters or mirrors.
         pinned: masters pinned on behalf of the row (one entry per pin), unpinned at release.
+        mirrors: keys of the mirrors made from the row's recomputed slots, freed at release.
     """
 
     foreign: list[Range] = field(default_factory=list)
     pinned: list[AllGatherNode] = field(default_factory=list)
+    mirrors: list[MirrorKey] = field(default_factory=list)
 
     @property
     def foreign_tokens(self) -> int:
