@@ -73,6 +73,7 @@ class Counters:
     author_masters_used: int = 0  # (round, segment) pairs served by an authored master
     rounds_timed_out: int = 0  # rounds released by the timeout with agents missing
     late_arrivals: int = 0  # requests that came after their round was released
+    retries: int = 0  # an agent's second request of a round, sent after its first finished
     deviation_selections: int = 0  # recompute sets chosen with deviation scores
     nonleading_selections: int = 0  # ... that differ from the leading tokens
     collector_s: float = 0.0

@@ -138,6 +138,57 @@ def prepare_request(
     )
 
 
+EMPTY_PROMPT = (
+    "the prompt is empty after tokenization: send at least one token (this tokenizer adds no "
+    "BOS token to empty text)"
+)
+
+
+def refuse_empty_prompt(tokenized: Any) -> None:
+    """Raise ValueError (SGLang answers 400) for a text request that tokenized to nothing.
+
+    SGLang 0.5.23's CPU path dies on a zero-token prefill (``cannot reshape tensor of 0
+    elements`` in rotary_emb) when the tokenizer adds no BOS; the same guard is proposed
+    upstream in ``patches/sglang-0.5.23/empty-prompt.diff``.
+    """
+    ids = getattr(tokenized, "input_ids", None)
+    if ids is not None and len(ids) == 0 and not getattr(tokenized, "mm_inputs", None):
+        raise ValueError(EMPTY_PROMPT)
+
+
+KV_HINTS_SHAPE = (
+    "kv_hints must be a JSON object (an envelope with protocol_version, message_id and "
+    "actions), got {}"
+)
+
+
+def add_kv_hints_error_handler(app: Any) -> None:
+    """Answer a malformed ``kv_hints`` field with one sentence instead of pydantic's dump.
+
+    Wraps SGLang's ``RequestValidationError`` handler: errors that name ``kv_hints`` get a 400
+    in SGLang's error shape; everything else goes to SGLang's handler unchanged.
+    """
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import ORJSONResponse
+
+    original = app.exception_handlers.get(RequestValidationError)
+    if getattr(original, "tokendance", False):
+        return
+
+    async def handler(request: Any, exc: RequestValidationError) -> Any:
+        bad = [e for e in exc.errors() if "kv_hints" in tuple(e.get("loc", ()))]
+        if not bad or original is None:
+            return await original(request, exc)
+        got = type(bad[0].get("input")).__name__
+        kind = {"str": "a string", "list": "a list", "int": "a number", "float": "a number"}
+        message = KV_HINTS_SHAPE.format(kind.get(got, got))
+        body = {"object": "error", "message": message, "type": "Bad Request", "code": 400}
+        return ORJSONResponse(status_code=400, content=body)
+
+    handler.tokendance = True  # type: ignore[attr-defined]
+    app.exception_handlers[RequestValidationError] = handler
+
+
 def install_hooks() -> None:
     """Register the TokenizerManager hook (a no-op unless TokenDance is active)."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -150,7 +201,10 @@ def install_hooks() -> None:
         cfg = get_config(tm.server_args)
         if cfg.enabled and type(obj).__name__ == "GenerateReqInput":
             prepare_request(tm, obj, cfg.separator, registry, act=cfg.active)
-        return await original(tm, obj, *args, **kwargs)
+        out = await original(tm, obj, *args, **kwargs)
+        if cfg.enabled:
+            refuse_empty_prompt(out)
+        return out
 
     HookRegistry.register(
         "sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request",

@@ -78,6 +78,11 @@ def _require(cond: bool, msg: str) -> None:
         raise HintError(f"invalid TokenDance hint: {msg}")
 
 
+def _is_int(value: Any) -> bool:
+    """A JSON integer (``true``/``false`` are ints to Python, not to a client)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_payload(payload: Any, text_len: int | None) -> AgentHint:
     """Validate a ``tokendance.allgather`` payload.
 
@@ -111,8 +116,8 @@ def parse_payload(payload: Any, text_len: int | None) -> AgentHint:
         _require(typ in SEGMENT_TYPES, f"segment {i}: unknown type {typ!r} (private|shared)")
         start, end = s.get("start"), s.get("end")
         _require(
-            isinstance(start, int) and isinstance(end, int),
-            f"segment {i}: 'start' and 'end' must be integers",
+            _is_int(start) and _is_int(end),
+            f"segment {i}: 'start' and 'end' must be integers, got {start!r} and {end!r}",
         )
         _require(
             start == pos,
@@ -128,7 +133,7 @@ def parse_payload(payload: Any, text_len: int | None) -> AgentHint:
         if typ == "shared":
             _require(isinstance(sid, str) and sid != "", f"segment {i}: shared needs an 'id'")
         ts, te = s.get("tok_start", -1), s.get("tok_end", -1)
-        _require(isinstance(ts, int) and isinstance(te, int), f"segment {i}: bad token span")
+        _require(_is_int(ts) and _is_int(te), f"segment {i}: bad token span")
         out.append(SegmentSpan(typ, start, end, sid if typ == "shared" else None, ts, te))
         pos = end
     if text_len is not None:
@@ -140,15 +145,22 @@ def find_action(envelope: Any) -> dict[str, Any] | None:
     """The payload of the ``tokendance.allgather`` action in a kv_hints envelope, if any.
 
     Raises:
-        HintError: if the action has an unsupported version.
+        HintError: if the envelope or the action has an unsupported version.
     """
     if envelope is None:
         return None
-    actions = envelope.get("actions") if isinstance(envelope, dict) else envelope.actions
+    if isinstance(envelope, dict):
+        actions, protocol = envelope.get("actions"), envelope.get("protocol_version")
+    else:
+        actions, protocol = envelope.actions, envelope.protocol_version
     for a in actions or []:
         atype = a.get("action_type") if isinstance(a, dict) else a.action_type
         if atype != ACTION_TYPE:
             continue
+        _require(
+            str(protocol) == PROTOCOL_VERSION,
+            f"kv_hints protocol_version {protocol!r} not supported (expected {PROTOCOL_VERSION!r})",
+        )
         version = a.get("action_version") if isinstance(a, dict) else a.action_version
         _require(
             str(version) == ACTION_VERSION,

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 STATE_ATTR = "_tokendance"
 RELEASED_ATTR = "_tokendance_released"
+MAX_MEMBERS = 65536  # (round, agent) pairs remembered for the duplicate check
 
 
 class TokenDanceScheduler:
@@ -40,6 +41,7 @@ class TokenDanceScheduler:
         self.started = time.monotonic()
         self.peak_used_tokens = 0
         self.rounds: dict[str, RoundCounters] = {}
+        self.members: dict[tuple[str, str], Any] = {}  # (round, agent) -> latest request
         self.watch = IntegrityWatch() if IntegrityWatch.enabled() else None
         logger.info("TokenDance scheduler ready (mode=%s)", cfg.mode)
 
@@ -103,6 +105,10 @@ class TokenDanceScheduler:
             return False
         if lay is None:
             return False
+        problem = self._duplicate(lay.round_id, lay.agent, req)
+        if problem is not None:
+            req.set_finish_with_abort(problem)  # SGLang answers it (400) from its queue
+            return False
         setattr(req, ATTR, lay)
         req.tokendance_agent = (lay.agent, lay.round_id)
         if self.cfg.mode == "pic":
@@ -112,11 +118,33 @@ class TokenDanceScheduler:
         size = self._round_size(req)
         try:
             self.barrier.add(lay.round_id, size, lay.agent, req)
-        except ValueError as e:
-            logger.warning("request %s: %s; running it without a round", req.rid, e)
+        except ValueError as e:  # the entry checks sizes first; never crash the loop
             setattr(req, ATTR, None)
+            req.tokendance_agent = None
+            req.set_finish_with_abort(f"invalid TokenDance hint: {e}")
             return False
         return True
+
+    def _duplicate(self, round_id: str, agent: str, req: Any) -> str | None:
+        """One request per agent per round at a time: a second one while the first is held or
+        running is refused (it could not share with its own round); one sent after the first
+        finished is a retry and runs as a late arrival (counted in ``retries``)."""
+        key = (round_id, agent)
+        first = self.members.get(key)
+        self.members[key] = req
+        while len(self.members) > MAX_MEMBERS:
+            self.members.pop(next(iter(self.members)))
+        if first is None or first is req:
+            return None
+        if not first.finished():
+            self.members[key] = first
+            return (
+                f"invalid TokenDance hint: agent {agent!r} already has a request in round "
+                f"{round_id!r} that is still held or running (one request per agent per round; "
+                "a retry is accepted once the first has finished)"
+            )
+        self.collector.counters.retries += 1
+        return None
 
     @staticmethod
     def _round_size(req: Any) -> int:

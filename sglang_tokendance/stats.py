@@ -49,6 +49,7 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         author_masters_used=c.author_masters_used,
         rounds_timed_out=c.rounds_timed_out,
         late_arrivals=c.late_arrivals,
+        retries=c.retries,
         authored_masters_live=len(cache.authored) if hasattr(cache, "authored") else 0,
         deviation_selections=c.deviation_selections,
         pic_copies_skipped=getattr(cache, "pic_copies_skipped", 0),
@@ -109,7 +110,12 @@ def install_hooks() -> None:
         from sglang_tokendance.plugin import get_config
 
         if get_config(server_args).enabled:
+            from sglang.srt.entrypoints import http_server
+
+            from sglang_tokendance.entry import add_kv_hints_error_handler
+
             add_route()
+            add_kv_hints_error_handler(http_server.app)
 
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.internal_state."
