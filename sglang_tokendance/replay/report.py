@@ -151,7 +151,11 @@ def build_report(
         "kv_bytes_per_agent": per_agent,
         "dense_kv_bytes_per_agent": dense,
         "kv_source": src,
-        "round_latency_ms": percentiles([r.latency_ms for r in result.rounds]),
+        # only rounds whose every request was answered: a round that failed did not run
+        "round_latency_ms": percentiles(
+            [r.latency_ms for r in result.rounds if all(q.error is None for q in r.requests)]
+        ),
+        "rounds_failed": sum(1 for r in result.rounds if any(q.error for q in r.requests)),
         "ttft_ms": percentiles([q.ttft_ms for q in ok if q.ttft_ms is not None]),
         "ttft_source": "stream",
         "request_latency_ms": percentiles([q.latency_ms for q in ok]),
@@ -215,11 +219,20 @@ def summary(report: dict[str, Any]) -> str:
         f"  KV per agent             {_kib(report['kv_bytes_per_agent'])} "
         f"(dense {_kib(report['dense_kv_bytes_per_agent'])})",
         f"  KV tokens peak           {_fmt(report['kv_tokens_peak'])}",
-        f"  round latency ms         p50 {_fmt(rl['p50'])}  p90 {_fmt(rl['p90'])}  "
-        f"max {_fmt(rl['max'])}",
-        f"  {ttft_label:25}p50 {_fmt(tt['p50'])}  p90 {_fmt(tt['p90'])}  max {_fmt(tt['max'])}",
-        f"  wall                     {report['wall_s']:.2f} s",
     ]
+    failed = report.get("rounds_failed", 0)
+    if rl["p50"] is None:
+        lines.append("  round latency ms         none: no round was answered in full")
+    else:
+        lines.append(
+            f"  round latency ms         p50 {_fmt(rl['p50'])}  p90 {_fmt(rl['p90'])}  "
+            f"max {_fmt(rl['max'])}" + (f"  ({failed} failed rounds left out)" if failed else "")
+        )
+    if tt["p50"] is not None:
+        lines.append(
+            f"  {ttft_label:25}p50 {_fmt(tt['p50'])}  p90 {_fmt(tt['p90'])}  max {_fmt(tt['max'])}"
+        )
+    lines.append(f"  wall                     {report['wall_s']:.2f} s")
     if report["errors"]:
         lines.append(
             f"  ERRORS: {len(report['errors'])} failed requests, first: "

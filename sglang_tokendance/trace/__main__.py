@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from sglang_tokendance.trace.format import TraceError, read_trace, round_stats, write_trace
 from sglang_tokendance.trace.generators import ALIASES, WORKLOADS, generate
-from sglang_tokendance.trace.validate import parse_trace_file
+from sglang_tokendance.trace.validate import summarize_trace_file
 
 
 def _summary(path: str, n_requests: int, rounds: int, agents: int) -> str:
@@ -25,14 +25,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Validate each file; 0 if all are valid, 1 otherwise."""
     status = 0
     for path in args.files:
-        result = parse_trace_file(path)
-        if result.errors or result.trace is None:
+        errors, summary = summarize_trace_file(path)
+        if errors or summary is None:
             status = 1
-            for err in result.errors:
+            for err in errors:
                 print(err)
             continue
-        h = result.trace.header
-        print(_summary(path, len(result.trace.requests), h.rounds, len(h.agents)))
+        print(_summary(path, summary.requests, summary.rounds, summary.agents))
     return status
 
 

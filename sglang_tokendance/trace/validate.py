@@ -6,8 +6,10 @@ parsed :class:`Trace` when there are none (``read_trace`` raises the first probl
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -62,7 +64,9 @@ class _Checker:
         self.agents: set[str] | None = None
         self.rounds: int | None = None
         self.seen: dict[tuple[int, str], int] = {}  # (round, agent) -> line
-        self.shared: dict[tuple[int, str], tuple[str, int]] = {}  # (round, id) -> (text, line)
+        # (round, id) -> (digest of the text, line): a digest, so a streamed file's texts are
+        # not all kept in memory
+        self.shared: dict[tuple[int, str], tuple[bytes, int]] = {}
 
     def err(self, line: int, msg: str) -> None:
         self.errors.append(TraceError(self.file, line, msg))
@@ -149,8 +153,9 @@ class _Checker:
             self.err(line, f"{what} field 'source' must be a string, got {_json_type(src)}")
             src = None
         if stype == "shared" and sid and text is not None and rnd is not None:
-            first = self.shared.setdefault((rnd, sid), (text, line))
-            if first[0] != text:
+            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
+            first = self.shared.setdefault((rnd, sid), (digest.digest(), line))
+            if first[0] != digest.digest():
                 where = "earlier in this line" if first[1] == line else f"on line {first[1]}"
                 self.err(
                     line,
@@ -202,19 +207,38 @@ class _Checker:
         return TraceRequest(rnd, agent, parsed, max_tokens, output, arrival, extra)  # type: ignore[arg-type]
 
 
-def parse_trace_bytes(data: bytes, file: str = "<trace>") -> ParseResult:
-    """Parse JSON Lines trace bytes, collecting every violation; ``file`` names it in errors."""
+class TraceSummary(NamedTuple):
+    """What ``validate`` prints for a valid file (no trace kept)."""
+
+    requests: int
+    rounds: int
+    agents: int
+
+
+def _parse_lines(
+    lines: Iterable[bytes], file: str, keep: bool
+) -> tuple[ParseResult, TraceSummary | None]:
+    """Parse JSON Lines one line at a time; with ``keep`` False only counts the requests."""
     chk = _Checker(file)
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the newline that ends the last line
-    if not lines:
-        return ParseResult(None, [TraceError(file, 1, "empty file: expected a trace header")])
     header: TraceHeader | None = None
     requests: list[TraceRequest] = []
+    count = 0
+    offset = 0  # byte offset of the current line in the file
+    n = 0
     for n, raw in enumerate(lines, start=1):
+        line_start, offset = offset, offset + len(raw)
+        raw = raw.rstrip(b"\n")
         if not raw.strip():
             chk.err(n, "empty line")
+            continue
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            chk.err(
+                n,
+                f"not UTF-8: byte 0x{raw[e.start]:02x} at byte offset {line_start + e.start} of "
+                f"the file (column {e.start + 1} of the line)",
+            )
             continue
         try:
             obj = orjson.loads(raw)
@@ -226,22 +250,46 @@ def parse_trace_bytes(data: bytes, file: str = "<trace>") -> ParseResult:
         else:
             req = chk.request(obj, n)
             if req is not None:
-                requests.append(req)
+                count += 1
+                if keep:
+                    requests.append(req)
+    if n == 0:
+        return ParseResult(None, [TraceError(file, 1, "empty file: expected a trace header")]), None
     errors = sorted(chk.errors, key=lambda e: e.line or 0)
     if errors or header is None:
-        return ParseResult(None, errors)
-    return ParseResult(Trace(header, requests), [])
+        return ParseResult(None, errors), None
+    summary = TraceSummary(count, header.rounds, len(header.agents))
+    return ParseResult(Trace(header, requests) if keep else None, []), summary
+
+
+def parse_trace_bytes(data: bytes, file: str = "<trace>") -> ParseResult:
+    """Parse JSON Lines trace bytes, collecting every violation; ``file`` names it in errors."""
+    parts = data.split(b"\n")
+    lines = [p + b"\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    return _parse_lines(lines, file, keep=True)[0]
+
+
+def _stream(path: str | Path, keep: bool) -> tuple[ParseResult, TraceSummary | None]:
+    try:
+        with open(path, "rb") as f:  # line by line: a large trace is never read whole
+            return _parse_lines(f, str(path), keep)
+    except OSError as e:
+        err = TraceError(str(path), None, f"cannot read: {e.strerror or e}")
+        return ParseResult(None, [err]), None
 
 
 def parse_trace_file(path: str | Path) -> ParseResult:
     """Parse a trace file, collecting every violation (an unreadable file is one error)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return ParseResult(None, [TraceError(str(path), None, f"cannot read: {e.strerror or e}")])
-    return parse_trace_bytes(data, str(path))
+    return _stream(path, keep=True)[0]
+
+
+def summarize_trace_file(path: str | Path) -> tuple[list[TraceError], TraceSummary | None]:
+    """Validate a trace file in one streaming pass, keeping no requests: its errors, and its
+    summary when it is valid."""
+    result, summary = _stream(path, keep=False)
+    return result.errors, summary
 
 
 def validate_trace(path: str | Path) -> list[TraceError]:
     """Every violation in the trace file at ``path``, in line order (empty list if valid)."""
-    return parse_trace_file(path).errors
+    return summarize_trace_file(path)[0]
