@@ -81,6 +81,7 @@ class ServerProcess:
         port: port to listen on (default: a free one).
         log_path: where stdout/stderr go (default: a temp file); read it with :meth:`log`.
         startup_timeout_s: how long to wait for the server to answer.
+        env: extra environment variables for the server (e.g. the integrity watch's).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class ServerProcess:
         port: int | None = None,
         log_path: str | Path | None = None,
         startup_timeout_s: float = 240.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         if model_path is None:
             from sglang_tokendance.models import build
@@ -105,6 +107,7 @@ class ServerProcess:
             log_path = name
         self.log_path = Path(log_path)
         self.startup_timeout_s = startup_timeout_s
+        self.env = {**server_env(), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServerProcess:
@@ -120,7 +123,7 @@ class ServerProcess:
             self.argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=server_env(),
+            env=self.env,
             start_new_session=True,
         )
         deadline = time.monotonic() + self.startup_timeout_s
