@@ -31,21 +31,15 @@ from typing import Any
 
 import torch
 
-from sglang_tokendance.attention.deviation import get_probe_board
-from sglang_tokendance.cache.layout import RowLayout, SharedUse
+from sglang_tokendance.accounting import Counters
+from sglang_tokendance.cache.api import CollectorCache
+from sglang_tokendance.cache.row_plan import RowLayout, SharedUse
 from sglang_tokendance.config import TokenDanceConfig
 from sglang_tokendance.hints import find_action, parse_payload
 from sglang_tokendance.selection import select_recompute
+from sglang_tokendance.state import RequestState, layout_of, state_of
 
 logger = logging.getLogger(__name__)
-
-ATTR = "tokendance_layout"
-MASTER_ATTR = "tokendance_master"
-PROBES_ATTR = "tokendance_probes"  # [(seg_id, start, end)] scored during a master's prefill
-
-
-def layout_of(req: Any) -> RowLayout | None:
-    return getattr(req, ATTR, None)
 
 
 @dataclass(slots=True)
@@ -61,40 +55,33 @@ class RoundState:
     started: float = field(default_factory=time.monotonic)
 
 
-@dataclass(slots=True)
-class Counters:
-    rounds: int = 0
-    requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    reused_tokens: int = 0
-    recompute_tokens: int = 0
-    masters_created: int = 0
-    author_masters_used: int = 0  # (round, segment) pairs served by an authored master
-    rounds_timed_out: int = 0  # rounds released by the timeout with agents missing
-    late_arrivals: int = 0  # requests that came after their round was released
-    retries: int = 0  # an agent's second request of a round, sent after its first finished
-    deviation_selections: int = 0  # recompute sets chosen with deviation scores
-    nonleading_selections: int = 0  # ... that differ from the leading tokens
-    collector_s: float = 0.0
-    barrier_wait_s: float = 0.0
-    per_round: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
 class Collector:
-    """Plans rounds against a TokenDanceRadixCache (duck-typed: no scheduler import here)."""
+    """Plans rounds against the cache's narrow interface (no scheduler import here).
 
-    def __init__(self, cfg: TokenDanceConfig, tree_cache: Any) -> None:
+    Args:
+        cfg: the server's TokenDance options.
+        cache: the tree cache (:class:`~.cache.api.CollectorCache`).
+        probes: the probe board the attention backend fills (``pop(row)`` after a prefill).
+        counters: where decisions are counted (the scheduler's accounting).
+    """
+
+    def __init__(
+        self, cfg: TokenDanceConfig, cache: CollectorCache, probes: Any, counters: Counters
+    ) -> None:
         self.cfg = cfg
-        self.cache = tree_cache
+        self.cache = cache
         self.rounds: dict[str, RoundState] = {}
-        self.counters = Counters()
-        tree_cache.publish_outputs = cfg.master_policy == "author" and cfg.active
-        self.probes = get_probe_board(tree_cache.req_to_token_pool)
+        self.counters = counters
+        cache.publish_outputs = cfg.master_policy == "author" and cfg.active
+        self.probes = probes
 
     # ---- hints -> layouts ---------------------------------------------------------------
-    def parse(self, req: Any) -> RowLayout | None:
-        """The request's layout skeleton from its hint (token spans set by the entry)."""
+    def parse(self, req: Any) -> RequestState | None:
+        """The request's record from its hint (token spans set by the entry), or None.
+
+        Raises:
+            HintError: a malformed hint (the entry validated it already).
+        """
         payload = find_action(getattr(req, "kv_hints", None))
         if payload is None:
             return None
@@ -108,7 +95,8 @@ class Collector:
         if any(s.tok_start < 0 or s.tok_end > len(ids) for s in hint.segments):
             raise ValueError("TokenDance hint has no token spans (entry hook not active?)")
         prefix_len = shared[0].start if shared else len(ids)
-        return RowLayout(hint.round, hint.agent, ids, prefix_len, shared)
+        layout = RowLayout(hint.round, hint.agent, ids, prefix_len, shared)
+        return RequestState(hint.agent, hint.round, hint.round_size, layout=layout)
 
     def start_round(self, round_id: str, reqs: list[Any], waited_s: float) -> list[Any]:
         """Plan a released round; returns the requests to queue now (the rest wait)."""
@@ -149,11 +137,10 @@ class Collector:
         return now
 
     def _make_master_agent(self, req: Any, computes: list[SharedUse], insert_cap: int) -> None:
-        setattr(req, MASTER_ATTR, computes)
-        setattr(req, ATTR, None)
-        req.tokendance_insert_cap = insert_cap
+        st = state_of(req)
+        st.role, st.layout, st.master_uses, st.insert_cap = "master", None, computes, insert_cap
         if self.cfg.selection != "leading":
-            setattr(req, PROBES_ATTR, [(u.seg_id, u.start, u.end) for u in computes])
+            st.probes = [(u.seg_id, u.start, u.end) for u in computes]
 
     def _authored(self, toks: tuple[int, ...], use: tuple[str, str]) -> Any:
         """An authored master for segment ``use`` = (round, segment id), or None."""
@@ -190,6 +177,7 @@ class Collector:
                 if use.seg_id not in state.recompute:  # once per segment: collective
                     state.recompute[use.seg_id] = self._recompute(use)
                 use.recompute = state.recompute[use.seg_id]
+            state_of(req).role = "reuse"
             out.append(req)
         state.waiting = []
         self.rounds.pop(state.round_id, None)
@@ -207,6 +195,7 @@ class Collector:
                     _narrow(use, hit)
             use.recompute = self._recompute(use)
         lay.dense_copy = self.cfg.mode == "pic"
+        state_of(req).role = "reuse"
         missing = [u for u in lay.shared if u.node is None]
         if missing and len(missing) == len(lay.shared):
             self._make_master_agent(req, missing, lay.prefix_len)
@@ -214,9 +203,10 @@ class Collector:
     # ---- after a prefill forward ------------------------------------------------------------
     def on_prefill_done(self, req: Any) -> list[Any]:
         """Promote masters / attach mirrors; returns requests now free to run."""
-        authored = getattr(req, MASTER_ATTR, None)
+        st = state_of(req)
+        authored = st.master_uses if st is not None else None
         if authored:
-            setattr(req, MASTER_ATTR, None)
+            st.master_uses = None
             probes = self.probes.pop(req.kv.req_pool_idx)
             self._promote(req, authored, None, probes)
             return self._master_done(req)
@@ -266,7 +256,6 @@ class Collector:
         row = req.kv.req_pool_idx
         if row is None:
             return
-        row_slots = self.cache.req_to_token_pool.req_to_token[row]
         true_ids = layout_of(req).true_ids if row_pos is not None else req.origin_input_ids
         for use in authored:
             if row_pos is None:  # a true-order row
@@ -280,7 +269,7 @@ class Collector:
                 ]:
                     continue
             toks = tuple(true_ids[use.start : use.end])
-            slots = row_slots[idx].to(torch.int64).clone()
+            slots = self.cache.row_slots(row, idx)
             pos = torch.arange(use.start, use.end, dtype=torch.int32)
             res = self.cache.insert_segment(toks, slots, pos)
             probe = (probes or {}).get(use.seg_id)
@@ -295,7 +284,6 @@ class Collector:
         row = req.kv.req_pool_idx
         if row is None or lay.row_pos is None:
             return
-        row_slots = self.cache.req_to_token_pool.req_to_token[row]
         n = lay.row_pos.numel()
         for use in lay.shared:
             if use.node is None or use.recompute is None or use.recompute.numel() == 0:
@@ -310,7 +298,7 @@ class Collector:
                 continue  # the last token was forced fresh etc.: keep it request-owned
             order = torch.argsort(lay.row_pos[idx])
             idx = idx[order]
-            slots = row_slots[idx].to(torch.int64).clone()
+            slots = self.cache.row_slots(row, idx)
             indices = use.recompute + use.node_offset
             self.cache.attach_mirror(
                 lay.round_id, lay.agent, use.node, indices, slots, req_pool_idx=row, at=use.start

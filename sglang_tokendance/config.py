@@ -13,6 +13,9 @@ MASTER_POLICIES: tuple[str, ...] = ("fresh", "author")
 DEFAULT_SEPARATOR = "<|td|>"
 
 
+CONFIG_ATTR = "_tokendance_config"  # the one TokenDance attribute of SGLang's ServerArgs
+
+
 @dataclass(slots=True, frozen=True)
 class TokenDanceConfig:
     """Options of the TokenDance plugin (one per server; pickled to the scheduler)."""
@@ -172,3 +175,17 @@ def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
         separator=getattr(ns, "tokendance_separator", DEFAULT_SEPARATOR),
         uniform_attention=bool(getattr(ns, "tokendance_uniform_attention", False)),
     )
+
+
+def get_config(server_args: Any) -> TokenDanceConfig:
+    """The TokenDance config attached to ``server_args`` (disabled if none).
+
+    The plugin stores it as a plain dict (it pickles into the scheduler process without
+    importing this package there first; ServerArgs' sealed fields admit no new names).
+    """
+    cfg = getattr(server_args, CONFIG_ATTR, None)
+    if cfg is None:
+        return TokenDanceConfig()
+    if isinstance(cfg, dict):
+        return TokenDanceConfig(**cfg)
+    return cfg

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from sglang_tokendance.config import get_config
 from sglang_tokendance.hints import (
     ACTION_TYPE,
     ACTION_VERSION,
@@ -189,25 +190,15 @@ def add_kv_hints_error_handler(app: Any) -> None:
     app.exception_handlers[RequestValidationError] = handler
 
 
-def install_hooks() -> None:
-    """Register the TokenizerManager hook (a no-op unless TokenDance is active)."""
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+REGISTRY = RoundRegistry()  # one per TokenizerManager process
 
-    registry = RoundRegistry()
 
-    async def around_tokenize(original: Any, tm: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
-        from sglang_tokendance.plugin import get_config
-
-        cfg = get_config(tm.server_args)
-        if cfg.enabled and type(obj).__name__ == "GenerateReqInput":
-            prepare_request(tm, obj, cfg.separator, registry, act=cfg.active)
-        out = await original(tm, obj, *args, **kwargs)
-        if cfg.enabled:
-            refuse_empty_prompt(out)
-        return out
-
-    HookRegistry.register(
-        "sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request",
-        around_tokenize,
-        HookType.AROUND,
-    )
+async def around_tokenize(original: Any, tm: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+    """``TokenizerManager._tokenize_one_request`` (around): apply the hint, refuse empties."""
+    cfg = get_config(tm.server_args)
+    if cfg.enabled and type(obj).__name__ == "GenerateReqInput":
+        prepare_request(tm, obj, cfg.separator, REGISTRY, act=cfg.active)
+    out = await original(tm, obj, *args, **kwargs)
+    if cfg.enabled:
+        refuse_empty_prompt(out)
+    return out

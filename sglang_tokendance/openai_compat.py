@@ -28,26 +28,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sglang_tokendance.config import get_config
 from sglang_tokendance.hints import ACTION_TYPE, HintError, find_action, parse_payload
 
 logger = logging.getLogger(__name__)
 
 FIELD = "kv_hints"
 STATE_ATTR = "tokendance_kv_hints"
-_OPENAI = "sglang.srt.entrypoints.openai"
-COMPLETION = f"{_OPENAI}.serving_completions.OpenAIServingCompletion"
-CHAT = f"{_OPENAI}.serving_chat.OpenAIServingChat"
-HOOK_TARGETS: tuple[str, ...] = (
-    f"{COMPLETION}.handle_request",
-    f"{COMPLETION}._convert_to_internal_request",
-    f"{CHAT}.handle_request",
-    f"{CHAT}._convert_to_internal_request",
-)
 
 
 def _enabled(serving: Any) -> bool:
-    from sglang_tokendance.plugin import get_config
-
     tm = getattr(serving, "tokenizer_manager", None)
     return bool(tm is not None and get_config(tm.server_args).enabled)
 
@@ -195,19 +185,3 @@ def after_convert(result: Any, serving: Any, request: Any, raw_request: Any = No
     adapted.kv_hints = hints
     logger.debug("kv_hints attached to a %s request", "chat" if chat else "completion")
     return adapted, processed
-
-
-_installed = False
-
-
-def install_hooks() -> None:
-    """Register the OpenAI-route hooks with SGLang's HookRegistry (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    for cls in (COMPLETION, CHAT):
-        HookRegistry.register(f"{cls}.handle_request", around_handle_request, HookType.AROUND)
-        HookRegistry.register(f"{cls}._convert_to_internal_request", after_convert, HookType.AFTER)
-    _installed = True

@@ -11,78 +11,26 @@ pickling; the sealed msgspec fields do not admit new names).
 from __future__ import annotations
 
 import logging
-import pkgutil
 from typing import Any
 
-from sglang_tokendance import SGLANG_VERSION
-from sglang_tokendance.config import TokenDanceConfig, add_cli_args, from_namespace
+from sglang_tokendance import patches
+from sglang_tokendance.config import CONFIG_ATTR, add_cli_args, from_namespace
 
 logger = logging.getLogger("sglang_tokendance")
 
-CONFIG_ATTR = "_tokendance_config"
 BACKEND_NAME = "tokendance"
-
-# Every SGLang name the plugin hooks or calls into. Checked by register() so a different
-# SGLang fails loudly at startup instead of silently running without TokenDance.
-HOOKED_NAMES: tuple[str, ...] = (
-    "sglang.srt.server_args.ServerArgs.add_cli_args",
-    "sglang.srt.server_args.ServerArgs.from_cli_args",
-    "sglang.srt.mem_cache.registry.register_radix_cache_backend",
-    "sglang.srt.mem_cache.radix_cache.RadixCache",
-    "sglang.srt.plugins.hook_registry.HookRegistry.register",
-    "sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request",
-    "sglang.srt.managers.scheduler.Scheduler.__init__",
-    "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
-    "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run",
-    "sglang.srt.managers.scheduler.Scheduler.process_batch_result",
-    "sglang.srt.managers.scheduler.Scheduler.abort_request",
-    "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend",
-    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
-    "sglang.srt.managers.scheduler_components.internal_state."
-    "SchedulerInternalStateController.get_internal_state",
-    "sglang.srt.entrypoints.http_server.launch_server",
-    "sglang.srt.layers.attention.attention_registry.register_attention_backend",
-    "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend",
-    "sglang.srt.mem_cache.base_prefix_cache.MatchPrefixParams",
-)
 
 _registered = False
 
 
-def check_sglang_names(names: tuple[str, ...] = HOOKED_NAMES) -> None:
-    """Raise RuntimeError naming the SGLang version if any hooked name is missing."""
-    import sglang
-
-    missing = []
-    for name in names:
-        try:
-            pkgutil.resolve_name(name)
-        except (ImportError, AttributeError):
-            missing.append(name)
-    if missing:
-        raise RuntimeError(
-            f"sglang-tokendance supports SGLang {SGLANG_VERSION}, but the installed SGLang "
-            f"{getattr(sglang, '__version__', '?')} lacks: {', '.join(missing)}. "
-            f"Install sglang=={SGLANG_VERSION}."
-        )
-
-
-def get_config(server_args: Any) -> TokenDanceConfig:
-    """The TokenDance config attached to ``server_args`` (disabled if none)."""
-    cfg = getattr(server_args, CONFIG_ATTR, None)
-    if cfg is None:
-        return TokenDanceConfig()
-    if isinstance(cfg, dict):
-        return TokenDanceConfig(**cfg)
-    return cfg
-
-
-def _after_add_cli_args(result: Any, parser: Any) -> Any:
+def after_add_cli_args(result: Any, parser: Any) -> Any:
+    """``ServerArgs.add_cli_args`` (after): the TokenDance flags."""
     add_cli_args(parser)
     return result
 
 
-def _after_from_cli_args(server_args: Any, cls: Any, args: Any) -> Any:
+def after_from_cli_args(server_args: Any, cls: Any, args: Any) -> Any:
+    """``ServerArgs.from_cli_args`` (after): validate, select the backends, attach the config."""
     del cls
     cfg = from_namespace(args)  # ValueError with the flag's name on bad values
     if not cfg.enabled:
@@ -106,41 +54,34 @@ def _after_from_cli_args(server_args: Any, cls: Any, args: Any) -> Any:
     return server_args
 
 
-def _make_tree_cache(ctx: Any) -> Any:
-    from sglang_tokendance.cache.radix import make_tree_cache
+def make_tree_cache(ctx: Any) -> Any:
+    """The radix cache backend "tokendance"; the probe board is handed in (the cache never
+    imports the attention package)."""
+    from sglang_tokendance.attention.deviation import get_probe_board
+    from sglang_tokendance.cache.radix import make_tree_cache as build
 
-    return make_tree_cache(ctx)
+    pool = ctx.params.req_to_token_pool
+    listeners = [get_probe_board(pool).pop] if pool is not None else []
+    return build(ctx, row_listeners=listeners)  # unread probes of a released row die
 
 
 def register() -> None:
-    """Register flags, backends and hooks with SGLang (idempotent)."""
+    """Check the touch-point table against SGLang, register the backends, install the hooks
+    (idempotent)."""
     global _registered
     if _registered:
         return
-    from sglang_tokendance.openai_compat import HOOK_TARGETS
-
-    check_sglang_names(HOOKED_NAMES + tuple(HOOK_TARGETS))
+    table = patches.load_table()
+    patches.check_names(table)
     from sglang.srt.mem_cache.registry import (
         get_radix_cache_factory,
         register_radix_cache_backend,
     )
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register(
-        "sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER
-    )
-    HookRegistry.register(
-        "sglang.srt.server_args.ServerArgs.from_cli_args", _after_from_cli_args, HookType.AFTER
-    )
     if get_radix_cache_factory(BACKEND_NAME) is None:
-        register_radix_cache_backend(BACKEND_NAME, _make_tree_cache)
-    from sglang_tokendance import entry, forward_hooks, openai_compat, scheduler, stats
+        register_radix_cache_backend(BACKEND_NAME, make_tree_cache)
     from sglang_tokendance.attention.backend import register_backend
 
     register_backend()
-    entry.install_hooks()
-    scheduler.install_hooks()
-    forward_hooks.install_hooks()
-    stats.install_hooks()
-    openai_compat.install_hooks()
+    patches.install_hooks(table)
     _registered = True

@@ -20,15 +20,16 @@ A laid-out row (see DESIGN.md) looks like::
 Positions of ``row[:layout_len]`` are a permutation of ``0..layout_len-1`` (checked by
 :meth:`PositionTable.set_layout`), so decode needs no change: the next token sits at
 ``seq_len``. The attention backend rotates each key by ``req_to_pos - slot_pos`` and masks by
-position. The table is attached to SGLang's ``ReqToTokenPool`` object so that the tree cache,
-the scheduler hooks and the attention backend (all built from the same pools) find one instance.
+position. The table rides on SGLang's ``ReqToTokenPool`` (its ``PoolState`` record) so that the
+tree cache, the batch hooks and the attention backend (all built from the same pools) find one
+instance.
 """
 
 from __future__ import annotations
 
 import torch
 
-_ATTR = "_tokendance_positions"
+from sglang_tokendance.state import pool_state
 
 
 class PositionTable:
@@ -101,13 +102,13 @@ def get_position_table(req_to_token_pool: object, kv_pool: object | None = None)
         req_to_token_pool: SGLang's ``ReqToTokenPool`` (owner of the table).
         kv_pool: SGLang's KV pool (``MHATokenToKVPool``); needed on first use for the slot count.
     """
-    table = getattr(req_to_token_pool, _ATTR, None)
+    st = pool_state(req_to_token_pool)
+    table = st.positions
     if table is None:
         if kv_pool is None:
             raise ValueError("the position table is not created yet: pass the KV pool")
         rows, ctx = req_to_token_pool.req_to_token.shape  # type: ignore[attr-defined]
         num_slots = int(kv_pool.k_buffer[0].shape[0])  # type: ignore[attr-defined]
         device = str(req_to_token_pool.req_to_token.device)  # type: ignore[attr-defined]
-        table = PositionTable(rows, ctx, num_slots, device)
-        setattr(req_to_token_pool, _ATTR, table)
+        table = st.positions = PositionTable(rows, ctx, num_slots, device)
     return table

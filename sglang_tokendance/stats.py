@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sglang_tokendance.config import get_config
+
 logger = logging.getLogger(__name__)
 
 ROUTE = "/tokendance/stats"
@@ -28,7 +30,7 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
     if td is None:
         return out
     store = cache.stats(bpt) if hasattr(cache, "stats") else {}
-    c = td.collector.counters
+    c = td.acct.counters
     out.update(
         mode=td.cfg.mode,
         config=td.cfg.to_dict(),
@@ -56,16 +58,16 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         nonleading_selections=c.nonleading_selections,
         collector_ms=round(c.collector_s * 1000, 3),
         barrier_wait_ms=round(c.barrier_wait_s * 1000, 3),
-        kv_tokens_peak=td.peak_used_tokens,
-        kv_bytes_peak=td.peak_used_tokens * bpt,
+        kv_tokens_peak=td.acct.peak_used_tokens,
+        kv_bytes_peak=td.acct.peak_used_tokens * bpt,
         pool_tokens=int(scheduler.token_to_kv_pool_allocator.size),
         held_requests=td.barrier.held(),
-        per_round=td.round_report(bpt),
+        per_round=td.acct.round_report(bpt),
         watch=td.watch.to_dict() if td.watch is not None else None,
     )
     out["integrity"] = _integrity(scheduler, td)
-    if td.rounds and hasattr(cache, "store"):
-        rid = next(reversed(td.rounds))
+    rid = td.acct.last_round
+    if rid is not None and hasattr(cache, "round_stats"):
         last_store = cache.round_stats(rid, bpt)  # the round at its fullest (the ledger)
         last_store["round"] = rid
         out["store_last_round"] = last_store
@@ -94,38 +96,25 @@ def _integrity(scheduler: Any, td: Any) -> str:
     return "ok"
 
 
-def install_hooks() -> None:
-    """Scheduler side: extend internal state. Server side: add the GET route at launch."""
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+def after_internal_state(result: Any, controller: Any, *args: Any, **kw: Any) -> Any:
+    """``SchedulerInternalStateController.get_internal_state`` (after): add the stats."""
+    try:
+        result.internal_state["tokendance"] = scheduler_stats(controller.scheduler)
+    except Exception as e:  # stats must never break /server_info
+        logger.exception("tokendance stats failed")
+        result.internal_state["tokendance"] = {"error": str(e)}
+    return result
 
-    def after_internal_state(result: Any, controller: Any, *args: Any, **kw: Any) -> Any:
-        try:
-            result.internal_state["tokendance"] = scheduler_stats(controller.scheduler)
-        except Exception as e:  # stats must never break /server_info
-            logger.exception("tokendance stats failed")
-            result.internal_state["tokendance"] = {"error": str(e)}
-        return result
 
-    def before_launch(server_args: Any, *args: Any, **kw: Any) -> None:
-        from sglang_tokendance.plugin import get_config
+def before_launch(server_args: Any, *args: Any, **kw: Any) -> None:
+    """``http_server.launch_server`` (before): the stats route and the kv_hints handler."""
+    if get_config(server_args).enabled:
+        from sglang.srt.entrypoints import http_server
 
-        if get_config(server_args).enabled:
-            from sglang.srt.entrypoints import http_server
+        from sglang_tokendance.entry import add_kv_hints_error_handler
 
-            from sglang_tokendance.entry import add_kv_hints_error_handler
-
-            add_route()
-            add_kv_hints_error_handler(http_server.app)
-
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.internal_state."
-        "SchedulerInternalStateController.get_internal_state",
-        after_internal_state,
-        HookType.AFTER,
-    )
-    HookRegistry.register(
-        "sglang.srt.entrypoints.http_server.launch_server", before_launch, HookType.BEFORE
-    )
+        add_route()
+        add_kv_hints_error_handler(http_server.app)
 
 
 def add_route() -> None:

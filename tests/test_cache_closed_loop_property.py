@@ -20,6 +20,8 @@ from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.common import release_kv_cache
 
+from sglang_tokendance.state import RequestState, attach
+
 POOL = 96
 WRAPPER = [7, 8]  # "<name> said:" around a re-used output
 MASTERS = [tuple(range(100 + 10 * s, 100 + 10 * s + n)) for s, n in enumerate((4, 5, 6))]
@@ -74,7 +76,10 @@ class ClosedLoop(RuleBasedStateMachine):
         if not returning or self.next_agent == 0:
             self.next_agent += 1  # a new agent: its predecessors never come back
         agent = f"a{self.next_agent}"
-        if any(r.tokendance_agent == (agent, f"r{self.round}") for r in self.running):
+        if any(
+            (r.tokendance.agent, r.tokendance.round_id) == (agent, f"r{self.round}")
+            for r in self.running
+        ):
             return  # one request per agent per round at a time (the scheduler refuses more)
         prefix = [1, 2, 3 + self.next_agent % 5]
         hit = None
@@ -100,8 +105,7 @@ class ClosedLoop(RuleBasedStateMachine):
         self.next_rid += 1
         reused = node.master_slots[offset : offset + length]
         req = start_request(self.cache, self.pools, rid, ids, reuse=(at, reused))
-        req.tokendance_agent = (agent, f"r{self.round}")
-        req.tokendance_insert_cap = len(prefix)
+        attach(req, RequestState(agent, f"r{self.round}", 3, insert_cap=len(prefix)))
         row, end = req.kv.req_pool_idx, at + length
         self.cache.pin_segment(node, row)
         self.cache.claim_row_ranges(row, [(at, end)])

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_tokendance.cache.layout import RowLayout, SharedUse, plan_row
+from sglang_tokendance.cache.row_plan import RowLayout, SharedUse, plan_row
 
 
 def _node(tokens: list[int], first_slot: int) -> SimpleNamespace:

@@ -59,9 +59,7 @@ def test_closed_loop_soak_under_the_default_policy(url: str) -> None:
 
     def one(r: int, agent: str) -> tuple[str, str]:
         segs = [("private", None, f"You are {agent}, who likes topic {names.index(agent)}. ")]
-        segs += [
-            ("shared", f"cl{r}/{b}", f"{b} said: {outs[b]} ") for b in names if b != agent
-        ]
+        segs += [("shared", f"cl{r}/{b}", f"{b} said: {outs[b]} ") for b in names if b != agent]
         segs.append(("private", None, f"What does {agent} say next?"))
         text, hints = build_request(segs, f"cl{r}", len(names), agent)
         params = {"max_new_tokens": 24, "temperature": 0}

@@ -62,7 +62,7 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
         # --tokendance-uniform-attention: every row takes the position-aware path, so a
         # benchmark compares modes on one attention code path (off by default: plain rows keep
         # torch_native's code and bit-identical outputs).
-        from sglang_tokendance.plugin import get_config
+        from sglang_tokendance.config import get_config
 
         server_args = getattr(model_runner, "server_args", None)
         cfg = get_config(server_args) if server_args is not None else None

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-_ATTR = "_tokendance_probes"
+from sglang_tokendance.state import pool_state
 
 
 @dataclass(slots=True)
@@ -69,12 +69,11 @@ class ProbeBoard:
 
 
 def get_probe_board(req_to_token_pool: object) -> ProbeBoard:
-    """The board attached to ``req_to_token_pool`` (created on first use)."""
-    board = getattr(req_to_token_pool, _ATTR, None)
-    if board is None:
-        board = ProbeBoard()
-        setattr(req_to_token_pool, _ATTR, board)
-    return board
+    """The board on ``req_to_token_pool``'s ``PoolState`` (created on first use)."""
+    st = pool_state(req_to_token_pool)
+    if st.probes is None:
+        st.probes = ProbeBoard()
+    return st.probes
 
 
 def context_deviation(

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 from .nodes import AllGatherNode
 
@@ -88,3 +89,29 @@ class AuthoredIndex:
                 if at >= 0:
                     return AuthoredHit(node, a, at, length)
         return None
+
+
+def publish_output(cache: Any, req: Any, up_to: int, agent: str) -> AllGatherNode | None:
+    """Make a finished request's output KV (row ``[n, up_to)``) an authored master.
+
+    ``cache`` is the TokenDanceRadixCache. The slots are claimed in the row, so releasing the
+    request hands them to the store instead of the allocator. Returns the new master, or None
+    (too short, the tree already owns part of it, or an equal master exists: the request then
+    frees its own copy as usual).
+    """
+    row, n = req.kv.req_pool_idx, len(req.origin_input_ids)
+    m = min(up_to - n, len(req.output_ids))
+    if row is None or m < MIN_LENGTH or n < req.kv.cache_protected_len:
+        return None
+    slots = cache.req_to_token_pool.req_to_token[row, n : n + m].to(torch.int64).clone()
+    if cache.positions is not None:
+        pos = cache.positions.slot_pos[slots].to(torch.int32).cpu()
+    else:
+        pos = torch.arange(n, n + m, dtype=torch.int32)
+    res = cache.store.insert(tuple(int(t) for t in req.output_ids[:m]), slots.cpu(), pos)
+    if not res.inserted:
+        return None
+    res.node.authored_by = agent
+    cache.claim_row_ranges(row, [(n, n + m)])
+    cache.authored.add(res.node)
+    return res.node

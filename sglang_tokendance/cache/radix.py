@@ -21,10 +21,9 @@ other policies' priorities (hit counts, creation times) have no master counterpa
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,14 +36,15 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
-from ..attention.deviation import get_probe_board
 from ..positions import PositionTable, get_position_table
-from . import laid_out
-from .authored import AuthoredHit, AuthoredIndex
+from ..state import layout_of, state_of
+from . import row_admission
+from .authored import AuthoredHit, AuthoredIndex, publish_output
+from .eviction import evict_lru
 from .integrity import cache_problems, kv_bytes_per_token
 from .ledger import RoundLedger
 from .nodes import AllGatherNode, HashFn, Mirror, token_hash
-from .rows import Range, RowClaim, subtract_ranges
+from .rows import Range, RowClaim, RowTable
 from .store import IntegrityError, SegmentInsert, SegmentStore, TokenIds
 
 if TYPE_CHECKING:
@@ -53,8 +53,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-INSERT_CAP_ATTR = "tokendance_insert_cap"
-AGENT_ATTR = "tokendance_agent"
+RowListener = Callable[[int], None]
 
 PAGE_SIZE_ERROR = (
     "TokenDance requires --page-size 1 (got {}): masters and mirrors address single KV slots"
@@ -69,12 +68,21 @@ class TokenDanceRadixCache(RadixCache):
     Args:
         params: SGLang's cache parameters (page size 1, LRU eviction).
         hash_fn: content hash for segments (tests inject a colliding one).
+        row_listeners: called with a row index when its request is released (the attention
+            side drops the row's unread deviation probes; handed in so the cache never imports
+            the attention package).
 
     Raises:
         ValueError: for page size != 1 or a non-LRU eviction policy.
     """
 
-    def __init__(self, params: CacheInitParams, *, hash_fn: HashFn = token_hash) -> None:
+    def __init__(
+        self,
+        params: CacheInitParams,
+        *,
+        hash_fn: HashFn = token_hash,
+        row_listeners: Sequence[RowListener] = (),
+    ) -> None:
         if params.page_size != 1:
             raise ValueError(PAGE_SIZE_ERROR.format(params.page_size))
         if params.eviction_policy.lower() != "lru":
@@ -84,8 +92,8 @@ class TokenDanceRadixCache(RadixCache):
             )
         # Built before RadixCache.__init__, which calls self.reset().
         self.store = SegmentStore(self._free_slots, hash_fn=hash_fn, clock=time.monotonic)
-        self._rows: dict[int, RowClaim] = {}
-        self._borrowed_tokens = 0
+        self.rows = RowTable()
+        self.row_listeners = list(row_listeners)
         self.ledger = RoundLedger()
         self.authored = AuthoredIndex()
         # Set by the collector (master policy "author"): a finished TokenDance request's output
@@ -108,8 +116,7 @@ class TokenDanceRadixCache(RadixCache):
         # Only called when fully idle, right before the allocator is cleared wholesale: forget,
         # do not free (freeing into a list about to be rebuilt would duplicate slots).
         self.store.clear()
-        self._rows.clear()
-        self._borrowed_tokens = 0
+        self.rows.clear()
         self.ledger.clear()
         self.authored.clear()
         positions = getattr(self, "positions", None)
@@ -121,103 +128,56 @@ class TokenDanceRadixCache(RadixCache):
         return self.evictable_size_ + self.store.evictable_tokens
 
     def protected_size(self) -> int:
-        return self.protected_size_ + self.store.protected_tokens - self._borrowed_tokens
+        return self.protected_size_ + self.store.protected_tokens - self.rows.borrowed_tokens
 
     def evict(self, params: EvictParams) -> EvictResult:
         """Evict radix leaves and evictable masters together, least recently used first."""
-        masters = self.store.evictable_nodes()
-        if self.disable or not masters:
+        if self.disable or not self.store.evictable_tokens:
             return super().evict(params)
-        start_time = time.perf_counter()
-        # Entries: (LRU timestamp, unique sequence number to break ties, node of either kind).
-        heap: list[tuple[float, int, Any]] = [
-            (self.eviction_strategy.get_priority(n), i, n)
-            for i, n in enumerate(self.evictable_leaves)
-        ]
-        heap += [(m.last_access, len(heap) + i, m) for i, m in enumerate(masters)]
-        heapq.heapify(heap)
-        seq = len(heap)
-        num_evicted = 0
-        while num_evicted < params.num_tokens and heap:
-            _, _, x = heapq.heappop(heap)
-            if isinstance(x, AllGatherNode):
-                num_evicted += self.store.evict_node(x)
-                continue
-            # Same steps as RadixCache.evict for a leaf.
-            self.token_to_kv_pool_allocator.free_segment(x.value, start_pos=0)
-            num_evicted += len(x.value)
-            self._delete_leaf(x)
-            if len(x.parent.children) == 0 and x.parent.lock_ref == 0:
-                heapq.heappush(heap, (self.eviction_strategy.get_priority(x.parent), seq, x.parent))
-                seq += 1
-            self.kv_events.record_remove(x)
-        self.update_eviction_metrics(num_evicted, start_time)
-        return EvictResult(num_tokens_evicted=num_evicted)
+        return evict_lru(self, params.num_tokens)
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
-        """Laid-out requests: match the private prefix and lay out the row (laid_out.py)."""
-        lay = laid_out.layout_of(params.req)
+        """Laid-out requests: match the private prefix and lay out the row (row_admission.py)."""
+        lay = layout_of(params.req)
         if lay is None or self.disable:
-            cap = getattr(params.req, INSERT_CAP_ATTR, None) if params.req is not None else None
+            st = state_of(params.req)
+            cap = st.insert_cap if st is not None else None
             if cap is not None and len(params.key) > cap:
                 # A master agent computes its shared segments itself and hands their slots to
                 # the store: the tree may give it its private prefix only, never a slot inside
                 # a segment (that slot would then have two owners).
                 params = dataclasses.replace(params, key=params.key[:cap])
             return super().match_prefix(params)
-        return laid_out.match_laid_out(self, super().match_prefix, params, lay)
+        return row_admission.match_laid_out(self, super().match_prefix, params, lay)
 
     def prefix_device_indices(self, req: Req) -> torch.Tensor:
-        lay = laid_out.layout_of(req)
+        lay = layout_of(req)
         if lay is None or lay.row_pos is None:
             return super().prefix_device_indices(req)
-        return laid_out.prefix_indices_laid_out(self, req, lay)
+        return row_admission.prefix_indices_laid_out(self, req, lay)
 
     def on_rows_allocated(self, reqs: list[Req]) -> None:
         """Called after ``prepare_for_extend``: record layouts and claims of new rows."""
-        laid_out.on_rows_allocated(self, reqs)
+        row_admission.on_rows_allocated(self, reqs)
 
     def checkpoint(self, req: Req, *, up_to: int) -> None:
         """Insert only the true-order prefix of a laid-out row (DESIGN invariant)."""
-        if self.publish_outputs and req.finished() and getattr(req, AGENT_ATTR, None):
-            self.publish_output(req, up_to)
+        st = state_of(req)
+        if self.publish_outputs and req.finished() and st is not None:
+            publish_output(self, req, up_to, st.agent)
         limit = self._insert_limit(req.kv.req_pool_idx)
         # A TokenDance request publishes at most its true-order private prefix: a chunked
         # prefill's intermediate checkpoint must not hand shared-segment slots to the tree
         # before they become masters or mirrors.
-        cap = getattr(req, INSERT_CAP_ATTR, None)
+        cap = st.insert_cap if st is not None else None
         if cap is not None:
             limit = cap if limit is None else min(limit, cap)
         if limit is not None:
             up_to = max(min(up_to, limit), req.kv.cache_protected_len)
         super().checkpoint(req, up_to=up_to)
-        lay = laid_out.layout_of(req)
+        lay = layout_of(req)
         if lay is not None and req.finished():
-            laid_out.insert_true_prefix(self, req, lay)
-
-    def publish_output(self, req: Req, up_to: int) -> AllGatherNode | None:
-        """Make a finished request's output KV (row ``[n, up_to)``) a master (author policy).
-
-        The slots are claimed in the row, so releasing the request hands them to the store
-        instead of the allocator. Returns the new master, or None (too short, or an equal
-        master exists: the request then frees its own copy as usual).
-        """
-        row, n = req.kv.req_pool_idx, len(req.origin_input_ids)
-        m = min(up_to - n, len(req.output_ids))
-        if row is None or m < 4 or n < req.kv.cache_protected_len:
-            return None
-        slots = self.req_to_token_pool.req_to_token[row, n : n + m].to(torch.int64).clone()
-        if self.positions is not None:
-            pos = self.positions.slot_pos[slots].to(torch.int32).cpu()
-        else:
-            pos = torch.arange(n, n + m, dtype=torch.int32)
-        res = self.store.insert(tuple(int(t) for t in req.output_ids[:m]), slots.cpu(), pos)
-        if not res.inserted:
-            return None
-        res.node.authored_by = getattr(req, AGENT_ATTR)[0]
-        self.claim_row_ranges(row, [(n, n + m)])
-        self.authored.add(res.node)
-        return res.node
+            row_admission.insert_true_prefix(self, req, lay)
 
     def find_authored(self, token_ids: TokenIds) -> AuthoredHit | None:
         """An authored master whose tokens are a sub-span of ``token_ids`` (authored.py)."""
@@ -225,9 +185,11 @@ class TokenDanceRadixCache(RadixCache):
 
     def free_kv_row(self, kv: Any, ranges: list[tuple[int, int]]) -> None:
         """Free the row ranges, skipping claimed (master / mirror) entries."""
-        claim = self._rows.get(kv.req_pool_idx)
+        claim = self.rows.get(kv.req_pool_idx)
         if claim is not None and claim.foreign:
-            ranges = subtract_ranges(sorted(ranges), claim.foreign)
+            ranges = [
+                r for a, b in sorted(ranges) for r in self.rows.own_ranges(kv.req_pool_idx, a, b)
+            ]
             if not ranges:
                 return
         super().free_kv_row(kv, ranges)
@@ -241,14 +203,14 @@ class TokenDanceRadixCache(RadixCache):
         """
         row = req.kv.req_pool_idx
         self.release_row(row)
-        laid_out.release_unadmitted(self, req)
+        row_admission.release_unadmitted(self, req)
         super().on_release(req, checkpointed=checkpointed)
 
     def _insert_limit(self, row: int | None) -> int | None:
         """Row entries past this index are not in true token order / not the request's own."""
         if row is None:
             return None
-        claim = self._rows.get(row)
+        claim = self.rows.get(row)
         limit = claim.first_foreign if claim is not None else None
         if self.positions is not None and self.positions.has_layout(row):
             n = int(self.positions.layout_len[row])
@@ -299,11 +261,11 @@ class TokenDanceRadixCache(RadixCache):
                 slots under that request), or as :meth:`SegmentStore.attach_mirror`.
         """
         old = self.store.get_mirror(round_id, agent, node, at)
-        if old is not None and any(old.key in c.mirrors for c in self._rows.values()):
+        if old is not None and self.rows.owns_mirror(old.key):
             raise ValueError(f"{old!r} belongs to a running request; it cannot be replaced")
         mirror = self.store.attach_mirror(round_id, agent, node, indices, slots, at)
         if req_pool_idx is not None:
-            self._rows.setdefault(req_pool_idx, RowClaim()).mirrors.append(mirror.key)
+            self.rows.add_mirror(req_pool_idx, mirror.key)
         self.ledger.record(mirror)
         return mirror
 
@@ -337,7 +299,7 @@ class TokenDanceRadixCache(RadixCache):
         automatically when that row's request is released (``on_release``)."""
         self.store.pin(node)
         if req_pool_idx is not None:
-            self._rows.setdefault(req_pool_idx, RowClaim()).pinned.append(node)
+            self.rows.pin(req_pool_idx, node)
 
     def unpin_segment(self, node: AllGatherNode) -> None:
         """Undo a :meth:`pin_segment` made without a row."""
@@ -349,30 +311,30 @@ class TokenDanceRadixCache(RadixCache):
         will not insert past the first of them. Ranges must lie in
         ``[cache_protected_len, kv_allocated_len)`` of the row's request (SGLang counts that
         span as the request's own; ``protected_size`` subtracts the claimed part)."""
-        self._borrowed_tokens += self._rows.setdefault(req_pool_idx, RowClaim()).add(ranges)
+        self.rows.claim(req_pool_idx, ranges)
 
     def release_row(self, req_pool_idx: int | None) -> None:
         """Drop a row's claim and pins and clear its layout (``on_release`` calls this)."""
         if req_pool_idx is None:
             return
-        claim = self._rows.pop(req_pool_idx, None)
+        claim = self.rows.pop(req_pool_idx)
         if claim is not None:
-            self._borrowed_tokens -= claim.foreign_tokens
             self.store.release_mirror_keys(claim.mirrors)
             for node in claim.pinned:
                 self.store.unpin(node)
         if self.positions is not None and self.positions.has_layout(req_pool_idx):
             self.positions.clear_layout(req_pool_idx)
-        get_probe_board(self.req_to_token_pool).pop(req_pool_idx)  # unread probes die here
+        for listener in self.row_listeners:
+            listener(req_pool_idx)
 
     def row_claims(self) -> dict[int, RowClaim]:
         """The claims of running rows, by ``req_pool_idx`` (a copy of the table)."""
-        return dict(self._rows)
+        return self.rows.claims()
 
     @property
     def borrowed_tokens(self) -> int:
         """Row entries of running requests that are claimed (owned by masters or mirrors)."""
-        return self._borrowed_tokens
+        return self.rows.borrowed_tokens
 
     def evict_segment(self, node: AllGatherNode) -> int:
         """Evict one master now, with its mirrors; returns slots freed. Raises if pinned."""
@@ -411,16 +373,21 @@ class TokenDanceRadixCache(RadixCache):
         if problems:
             raise IntegrityError("TokenDanceRadixCache integrity:\n  " + "\n  ".join(problems))
 
+    def row_slots(self, req_pool_idx: int, index: torch.Tensor) -> torch.Tensor:
+        """The KV slots at ``index`` (row entries) of a running row, as a new int64 tensor."""
+        return self.req_to_token_pool.req_to_token[req_pool_idx][index].to(torch.int64).clone()
+
     def row_owned_slots(self, req_pool_idx: int, start: int, end: int) -> torch.Tensor:
         """Slots of ``row[start:end]`` that the row's request owns (claimed ranges removed)."""
         row = self.req_to_token_pool.req_to_token[req_pool_idx]
-        claim = self._rows.get(req_pool_idx)
-        ranges = [(start, end)] if claim is None else subtract_ranges([(start, end)], claim.foreign)
+        ranges = self.rows.own_ranges(req_pool_idx, start, end)
         parts = [row[a:b].to(torch.int64) for a, b in ranges]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
-def make_tree_cache(ctx: TreeCacheBuildContext) -> TokenDanceRadixCache:
+def make_tree_cache(
+    ctx: TreeCacheBuildContext, row_listeners: Sequence[RowListener] = ()
+) -> TokenDanceRadixCache:
     """Factory for ``register_radix_cache_backend("tokendance", make_tree_cache)``.
 
     Raises:
@@ -438,6 +405,6 @@ def make_tree_cache(ctx: TreeCacheBuildContext) -> TokenDanceRadixCache:
     for flag, what in unsupported:
         if flag:
             raise ValueError(f"the tokendance radix cache backend does not support {what}")
-    cache = TokenDanceRadixCache(ctx.params)
+    cache = TokenDanceRadixCache(ctx.params, row_listeners=row_listeners)
     logger.info("TokenDance radix cache: page size 1, LRU over radix leaves and masters")
     return cache

@@ -10,8 +10,10 @@ row breaks that convention in two places::
                                  | by the request       | mirrors: FOREIGN
 
 A claim lists the foreign ranges of a row (half-open, in row positions), so the release path
-frees only the request's own slots, and the masters the row pinned, so they are unpinned when
-the request goes. Ranges are merged on the way in: a claim is a sorted list of disjoint ranges.
+frees only the request's own slots; the masters the row pinned, so they are unpinned when the
+request goes; and the mirrors its prefill made, so they are freed then. Ranges are merged on the
+way in: a claim is a sorted list of disjoint ranges. :class:`RowTable` holds the claims of all
+running rows.
 """
 
 from __future__ import annotations
@@ -91,3 +93,54 @@ class RowClaim:
         before = self.foreign_tokens
         self.foreign = merge_ranges([*self.foreign, *ranges])
         return self.foreign_tokens - before
+
+
+class RowTable:
+    """The claims of running rows, by ``req_pool_idx``, and the count of borrowed entries.
+
+    ``borrowed_tokens`` (entries of running rows owned by masters, mirrors or radix nodes
+    inserted out of band) is kept exact on every change: SGLang counts those entries as the
+    requests' own, so the cache subtracts them from ``protected_size``.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[int, RowClaim] = {}
+        self.borrowed_tokens = 0
+
+    def claim(self, row: int, ranges: Iterable[Range]) -> None:
+        """Mark ``ranges`` of ``row`` foreign (see ``TokenDanceRadixCache.claim_row_ranges``)."""
+        self.borrowed_tokens += self._rows.setdefault(row, RowClaim()).add(ranges)
+
+    def pin(self, row: int, node: AllGatherNode) -> None:
+        """Record a pin of ``node`` made on behalf of ``row`` (undone at release)."""
+        self._rows.setdefault(row, RowClaim()).pinned.append(node)
+
+    def add_mirror(self, row: int, key: MirrorKey) -> None:
+        """Record that ``row``'s request made the mirror ``key`` (freed at release)."""
+        self._rows.setdefault(row, RowClaim()).mirrors.append(key)
+
+    def owns_mirror(self, key: MirrorKey) -> bool:
+        return any(key in c.mirrors for c in self._rows.values())
+
+    def pop(self, row: int) -> RowClaim | None:
+        """Forget ``row``'s claim (its request is released); the caller undoes pins/mirrors."""
+        claim = self._rows.pop(row, None)
+        if claim is not None:
+            self.borrowed_tokens -= claim.foreign_tokens
+        return claim
+
+    def get(self, row: int | None) -> RowClaim | None:
+        return self._rows.get(row) if row is not None else None
+
+    def claims(self) -> dict[int, RowClaim]:
+        """A copy of the table."""
+        return dict(self._rows)
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self.borrowed_tokens = 0
+
+    def own_ranges(self, row: int, start: int, end: int) -> list[Range]:
+        """``[start, end)`` of ``row`` minus its foreign ranges."""
+        claim = self._rows.get(row)
+        return [(start, end)] if claim is None else subtract_ranges([(start, end)], claim.foreign)

@@ -182,7 +182,7 @@ async def _one(
     async with sem:
         try:
             res = await generate(session, url, sent.text, sent.kv_hints, sent.max_tokens)
-        except (ServerError, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+        except (TimeoutError, ServerError, aiohttp.ClientError, OSError, ValueError) as e:
             rec.error = f"{type(e).__name__}: {e}"
             logger.error("round %d agent %s failed: %s", sent.round, sent.agent, rec.error)
         else:

@@ -1,4 +1,4 @@
-"""The tree cache's side of laid-out rows: match, prefix indices, allocation, final insert.
+"""Admitting laid-out rows: the tree cache's side of match, prefix indices, allocation, insert.
 
 These functions implement, for a request carrying a :class:`~.layout.RowLayout`, the four
 points where SGLang asks the tree cache about a request:
@@ -31,13 +31,9 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from .layout import RowLayout, plan_row
+from sglang_tokendance.state import layout_of, state_of
 
-ATTR = "tokendance_layout"
-
-
-def layout_of(req: Any) -> RowLayout | None:
-    return getattr(req, ATTR, None) if req is not None else None
+from .row_plan import RowLayout, plan_row
 
 
 def _unpin_match_pins(cache: Any, lay: RowLayout) -> None:
@@ -61,7 +57,7 @@ def match_laid_out(cache: Any, super_match: Any, params: MatchPrefixParams, lay:
     for node in plan.reused_nodes:  # before allocation can evict anything
         cache.store.pin(node)
     lay.cached_len = c
-    req.tokendance_insert_cap = c  # the private tail goes in at the end (insert_true_prefix)
+    state_of(req).insert_cap = c  # the private tail goes in at the end (insert_true_prefix)
     lay.row_pos = plan.row_pos
     lay.reused_slots = plan.reused_slots
     lay.reused_nodes = list(plan.reused_nodes)

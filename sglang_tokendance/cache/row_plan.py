@@ -1,6 +1,6 @@
 """Row layouts: how a TokenDance request's ``req_to_token`` row is arranged.
 
-The collector attaches a :class:`RowLayout` to a request (``req.tokendance_layout``); the tree
+The collector attaches a :class:`RowLayout` to a request (its ``RequestState.layout``); the tree
 cache turns it into a row when SGLang matches the request's prefix::
 
     true prompt:  [ private prefix (p) ][ shared S1 ][ private ][ shared S2 ][ suffix ]

@@ -1,0 +1,111 @@
+"""Accounting in one room: the counters, the per-round records and the peak tracking.
+
+The scheduler feeds it each batch (``observe_batch``) with how many pool tokens running work
+holds; the collector counts its decisions in ``counters``; ``GET /tokendance/stats`` reads it.
+Plain numbers only: no tensors, no SGLang imports.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from sglang_tokendance.state import state_of
+
+MAX_ROUNDS = 256  # per-round records kept (oldest dropped first)
+
+
+@dataclass(slots=True)
+class Counters:
+    """Totals since the server started."""
+
+    rounds: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    reused_tokens: int = 0
+    recompute_tokens: int = 0
+    masters_created: int = 0
+    author_masters_used: int = 0  # (round, segment) pairs served by an authored master
+    rounds_timed_out: int = 0  # rounds released by the timeout with agents missing
+    late_arrivals: int = 0  # requests that came after their round was released
+    retries: int = 0  # an agent's second request of a round, sent after its first finished
+    deviation_selections: int = 0  # recompute sets chosen with deviation scores
+    nonleading_selections: int = 0  # ... that differ from the leading tokens
+    collector_s: float = 0.0
+    barrier_wait_s: float = 0.0
+
+
+@dataclass(slots=True)
+class RoundCounters:
+    """One round's prompt and KV figures, as its requests' first prefill batches saw them."""
+
+    round_id: str
+    agents: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    max_new_tokens: int = 0
+    peak_used_tokens: int = 0
+
+
+class Accounting:
+    """Counters, per-round records and the peak of KV held for running work."""
+
+    def __init__(self) -> None:
+        self.counters = Counters()
+        self.rounds: OrderedDict[str, RoundCounters] = OrderedDict()
+        self.peak_used_tokens = 0
+
+    def observe_batch(self, reqs: list[Any], is_extend: bool, used_tokens: int) -> None:
+        """Track the peak of ``used_tokens`` (pool - free - evictable) overall and per round,
+        and count each hinted request's prompt once, at its first prefill batch."""
+        self.peak_used_tokens = max(self.peak_used_tokens, used_tokens)
+        seen: set[str] = set()
+        for req in reqs:
+            st = state_of(req)
+            if st is None:
+                continue
+            rc = self.rounds.get(st.round_id)
+            if rc is None:
+                rc = self.rounds[st.round_id] = RoundCounters(st.round_id)
+                while len(self.rounds) > MAX_ROUNDS:
+                    self.rounds.popitem(last=False)
+            if st.round_id not in seen:
+                rc.peak_used_tokens = max(rc.peak_used_tokens, used_tokens)
+                seen.add(st.round_id)
+            if is_extend and not st.counted:
+                st.counted = True
+                prompt, cached = len(req.origin_input_ids), int(req.prefix_len)
+                rc.agents += 1
+                rc.prompt_tokens += prompt
+                rc.cached_tokens += cached
+                rc.max_new_tokens += int(req.sampling_params.max_new_tokens or 0)
+                self.counters.requests += 1
+                self.counters.prompt_tokens += prompt
+                self.counters.cached_tokens += cached
+
+    def round_report(self, bytes_per_token: int) -> list[dict[str, Any]]:
+        """Per-round records for the stats route (oldest first)."""
+        out = []
+        for rc in self.rounds.values():
+            agents = max(rc.agents, 1)
+            out.append(
+                {
+                    "round": rc.round_id,
+                    "agents": rc.agents,
+                    "prompt_tokens": rc.prompt_tokens,
+                    "prefill_tokens_computed": rc.prompt_tokens - rc.cached_tokens,
+                    "kv_tokens_peak": rc.peak_used_tokens,
+                    "kv_bytes_per_agent": rc.peak_used_tokens * bytes_per_token / agents,
+                    # what private per-agent copies of every prompt (+ its outputs) would take
+                    "dense_kv_bytes_per_agent": (rc.prompt_tokens + rc.max_new_tokens)
+                    * bytes_per_token
+                    / agents,
+                }
+            )
+        return out
+
+    @property
+    def last_round(self) -> str | None:
+        return next(reversed(self.rounds)) if self.rounds else None

@@ -1,0 +1,192 @@
+"""The collector's round logic against a small fake of its cache interface (no server).
+
+The fake (:class:`FakeCache`) implements :class:`~sglang_tokendance.cache.api.CollectorCache`
+on the project's pure store and authored index; rows are plain numbers whose slots are
+``1000 * row + index``. The server tests cover the same paths end to end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from sglang_tokendance.accounting import Counters
+from sglang_tokendance.cache.authored import AuthoredIndex
+from sglang_tokendance.cache.nodes import AllGatherNode
+from sglang_tokendance.cache.store import SegmentStore
+from sglang_tokendance.collector import Collector
+from sglang_tokendance.config import TokenDanceConfig
+from sglang_tokendance.hints import ACTION_TYPE
+from sglang_tokendance.state import attach, state_of
+
+
+@dataclass
+class FakeCache:
+    publish_outputs: bool = False
+    store: SegmentStore = field(default_factory=lambda: SegmentStore(lambda slots: None))
+    authored: AuthoredIndex = field(default_factory=AuthoredIndex)
+    claims: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
+    pins: list[tuple[int, int | None]] = field(default_factory=list)
+    mirrors: list[tuple[str, str, int, int, int | None]] = field(default_factory=list)
+
+    def lookup_segment(self, token_ids: Sequence[int]) -> AllGatherNode | None:
+        return self.store.lookup(token_ids)
+
+    def insert_segment(self, token_ids, slots, slot_positions):  # noqa: ANN001, ANN201
+        return self.store.insert(token_ids, slots, slot_positions)
+
+    def find_authored(self, token_ids: Sequence[int]):  # noqa: ANN201
+        return self.authored.find(token_ids)
+
+    def attach_mirror(self, round_id, agent, node, indices, slots, *, req_pool_idx=None, at=0):  # noqa: ANN001, ANN201
+        self.mirrors.append((round_id, agent, node.node_id, at, req_pool_idx))
+        return self.store.attach_mirror(round_id, agent, node, indices, slots, at)
+
+    def claim_row_ranges(self, req_pool_idx: int, ranges: Iterable[tuple[int, int]]) -> None:
+        self.claims.append((req_pool_idx, list(ranges)))
+
+    def pin_segment(self, node: AllGatherNode, req_pool_idx: int | None = None) -> None:
+        self.pins.append((node.node_id, req_pool_idx))
+
+    def row_slots(self, req_pool_idx: int, index: torch.Tensor) -> torch.Tensor:
+        return index.to(torch.int64) + 1000 * req_pool_idx
+
+
+class Board:
+    def pop(self, row: int | None) -> dict[str, Any]:
+        return {}
+
+
+# Token ids: each agent's private prefix is 3 tokens, then the shared segments, then 2 tokens.
+SEGS = {"s1": list(range(100, 110)), "s2": list(range(200, 208))}
+
+
+def make_req(agent: str, order: Sequence[str], row: int, round_id: str = "r1", size: int = 3):
+    ids = [1, 2, 3 + row]
+    segs = [{"type": "private", "start": 0, "end": 1, "tok_start": 0, "tok_end": 3}]
+    for k, sid in enumerate(order):
+        start = len(ids)
+        ids += SEGS[sid]
+        segs.append(
+            {
+                "type": "shared",
+                "id": sid,
+                "start": k + 1,
+                "end": k + 2,
+                "tok_start": start,
+                "tok_end": len(ids),
+            }
+        )
+    segs.append(
+        {
+            "type": "private",
+            "start": len(order) + 1,
+            "end": len(order) + 2,
+            "tok_start": len(ids),
+            "tok_end": len(ids) + 2,
+        }
+    )
+    ids += [9, 9]
+    payload = {"round": round_id, "round_size": size, "agent": agent, "segments": segs}
+    envelope = {
+        "actions": [{"action_type": ACTION_TYPE, "action_version": "1", "payload": payload}],
+        "protocol_version": "1",
+    }
+    req = SimpleNamespace(
+        rid=f"{agent}-{round_id}",
+        kv_hints=envelope,
+        origin_input_ids=ids,
+        kv=SimpleNamespace(req_pool_idx=row, cache_protected_len=3),
+    )
+    return req
+
+
+def collector(**cfg: Any) -> tuple[Collector, FakeCache]:
+    cache = FakeCache()
+    options = TokenDanceConfig(enabled=True, **{"selection": "leading", **cfg})
+    return Collector(options, cache, Board(), Counters()), cache
+
+
+def parsed(col: Collector, req: Any) -> Any:
+    attach(req, col.parse(req))
+    return req
+
+
+def test_a_round_without_masters_runs_in_two_phases() -> None:
+    col, cache = collector()
+    a = parsed(col, make_req("a", ["s1", "s2"], 1))
+    b = parsed(col, make_req("b", ["s2", "s1"], 2))
+    c = parsed(col, make_req("c", ["s1"], 3))
+    now = col.start_round("r1", [a, b, c], 0.0)
+    assert now == [a]  # the first agent holds both segments: one master agent computes both
+    assert state_of(a).role == "master" and state_of(a).insert_cap == 3
+    assert [u.seg_id for u in state_of(a).master_uses] == ["s1", "s2"]
+    assert state_of(b).role == "waiting" and b not in now
+    released = col.on_prefill_done(a)  # a's rows become the masters, the others may run
+    assert released == [b, c]
+    assert col.counters.masters_created == 2 and "r1" not in col.rounds
+    s1 = cache.lookup_segment(SEGS["s1"])
+    assert s1.master_slots.tolist() == [1000 + 3 + i for i in range(10)]
+    # collective recompute sets: one set per segment, the same tensor for every agent
+    sets = {u.seg_id: u.recompute for r in (b, c) for u in state_of(r).layout.shared}
+    b_s1 = next(u for u in state_of(b).layout.shared if u.seg_id == "s1")
+    c_s1 = next(u for u in state_of(c).layout.shared if u.seg_id == "s1")
+    assert b_s1.recompute is c_s1.recompute is sets["s1"]
+    assert b_s1.recompute.tolist() == [0, 1]  # ceil(0.15 * 10) leading tokens
+    assert all(state_of(r).role == "reuse" for r in (b, c))
+
+
+def test_mirrors_are_made_per_occurrence_and_tied_to_the_row() -> None:
+    col, cache = collector()
+    a = parsed(col, make_req("a", ["s1"], 1))
+    b = parsed(col, make_req("b", ["s1"], 2))
+    col.start_round("r1", [a, b], 0.0)
+    (ready,) = col.on_prefill_done(a)
+    lay = state_of(ready).layout
+    lay.row_pos = torch.tensor([0, 1, 2, *range(5, 13), 3, 4, 13, 14])  # s1[2:] reused
+    col.on_prefill_done(ready)
+    assert cache.mirrors == [("r1", "b", 0, 3, 2)]  # at = the segment's start, row 2
+    assert (2, [(11, 13)]) in cache.claims
+
+
+def test_an_aborted_master_agent_releases_its_round() -> None:
+    col, _ = collector()
+    a = parsed(col, make_req("a", ["s1"], 1))
+    b = parsed(col, make_req("b", ["s1"], 2))
+    assert col.start_round("r1", [a, b], 0.0) == [a]
+    assert col.on_abort("a-r1", abort_all=False) == [b]
+    assert state_of(b).layout.shared[0].node is None  # no master: b computes s1 itself
+    assert col.rounds == {}
+
+
+def test_a_late_arrival_is_planned_alone_against_the_masters() -> None:
+    col, cache = collector()
+    slots = torch.arange(500, 510)
+    cache.insert_segment(SEGS["s1"], slots, torch.arange(3, 13))
+    late = parsed(col, make_req("z", ["s1", "s2"], 4))
+    col.plan_alone(late)
+    uses = state_of(late).layout.shared
+    assert uses[0].node is cache.lookup_segment(SEGS["s1"]) and uses[1].node is None
+    assert state_of(late).role == "reuse"  # s2 is computed fresh in its row, then promoted
+    alone = parsed(col, make_req("y", ["s2"], 5))
+    col.plan_alone(alone)
+    assert state_of(alone).role == "master"  # nothing to reuse: an ordinary full prefill
+
+
+def test_an_authored_output_replaces_the_master_agent() -> None:
+    col, cache = collector(master_policy="author")
+    assert cache.publish_outputs is True
+    out = SEGS["s1"][2:]  # an agent's output, wrapped in 2 tokens of text in this round
+    node = cache.insert_segment(out, torch.arange(600, 608), torch.arange(40, 48)).node
+    cache.authored.add(node)
+    a = parsed(col, make_req("a", ["s1"], 1))
+    b = parsed(col, make_req("b", ["s1"], 2))
+    now = col.start_round("r1", [a, b], 0.0)
+    assert now == [a, b]  # no phase A
+    use = state_of(a).layout.shared[0]
+    assert (use.node, use.start, use.end, use.node_offset) == (node, 5, 13, 0)
+    assert col.counters.author_masters_used == 1
