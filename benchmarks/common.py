@@ -578,7 +578,7 @@ async def post_generate(
                         rep.t_first = time.perf_counter()
                     _fill(rep, obj)
             rep.ok = rep.error is None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
         rep.error = f"{type(e).__name__}: {e}"
     finally:
         rep.t_done = time.perf_counter()
