@@ -291,10 +291,13 @@ class ServerKey(NamedTuple):
             return self.mode
         opts = [flag_value(self.extra, f) for f in ("--tokendance-selection", POLICY_FLAG)]
         tag = ",".join(o for o in opts if o)
-        return f"{self.mode}{f'[{tag}]' if tag else ''}@{self.ratio:g}"
+        mirror = flag_value(self.extra, MIRROR_FLAG)
+        suffix = f" ({mirror} mirrors)" if mirror not in (None, "keep") else ""
+        return f"{self.mode}{f'[{tag}]' if tag else ''}@{self.ratio:g}{suffix}"
 
 
 POLICY_FLAG = "--tokendance-master-policy"
+MIRROR_FLAG = "--tokendance-mirror"
 
 
 def flag_value(argv: Sequence[str], flag: str) -> str | None:

@@ -64,6 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = ROOT / "workloads" / "ga_the_ville_n8.jsonl"
 SELECTIONS = ["leading", "deviation", "both"]
 POLICIES = ["fresh", "author"]
+MIRRORS = ["keep", "drop"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes", nargs="+", default=["tokendance", "pic"], choices=["tokendance", "pic"]
     )
     ap.add_argument("--selections", nargs="+", default=SELECTIONS, choices=SELECTIONS)
+    ap.add_argument(
+        "--mirrors",
+        nargs="+",
+        default=["keep"],
+        choices=MIRRORS,
+        help="--tokendance-mirror policies of the tokendance rows (keep: the recomputed slots "
+        "stay the agent's; drop: freed after prefill, decode reads the master)",
+    )
     ap.add_argument(
         "--policies",
         nargs="*",
@@ -235,17 +244,28 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
         for m in args.modes:
             for r in args.ratios:
                 sels = args.selections if m == "tokendance" and 0.0 < r < 1.0 else [None]
+                mirrors = args.mirrors if m == "tokendance" else ["keep"]
                 for sel in sels:
-                    flags = [] if sel is None else [sel_flag, sel]
-                    keys.append(pool.key(model, m, r, [*flags, *extra]))
+                    for mirror in mirrors:
+                        flags = [] if sel is None else [sel_flag, sel]
+                        flags += [] if mirror == "keep" else [common.MIRROR_FLAG, mirror]
+                        keys.append(pool.key(model, m, r, [*flags, *extra]))
         closed = [
             pool.key(
                 model,
                 "tokendance",
                 args.closed_loop_ratio,
-                [sel_flag, args.selections[-1], pol_flag, p, *extra],
+                [
+                    sel_flag,
+                    args.selections[-1],
+                    pol_flag,
+                    p,
+                    *([] if mirror == "keep" else [common.MIRROR_FLAG, mirror]),
+                    *extra,
+                ],
             )
             for p in args.policies
+            for mirror in args.mirrors
         ]
         keys = [ref_key] + pool.order(keys)
         results: dict[str, dict[tuple, dict]] = {}
@@ -287,6 +307,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
                 "ratio": float(r.split()[0]) if r else None,
                 "selection": opt[0] if opt else None,
                 "policy": opt[1] if len(opt) > 1 else None,
+                "mirror": "drop" if "(drop mirrors)" in label else "keep",
                 "closed_loop": label.endswith("closed loop"),
                 "closed_loop_info": closed_info.get(label),
                 "all": cmp["all"],
@@ -299,6 +320,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
         "benchmark": "fidelity",
         "reference": "mode off (full prefill + SGLang prefix caching), same prompts, same flags",
         "selections": args.selections,
+        "mirrors": args.mirrors,
         "policies": args.policies,
         "config": {
             "model": common.model_label(args.model, model),
@@ -335,6 +357,7 @@ def sorted_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             x["ratio"] or 0.0,
             sel.get(x.get("selection"), 9),
             x.get("policy") or "",
+            x.get("mirror") or "keep",
         ),
     )
 
@@ -360,6 +383,13 @@ def closed_loop_lines(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def _server(label: str) -> str:
+    """The row's server without its ratio (``tokendance[both]@0.15 (drop mirrors)`` ->
+    ``tokendance[both] (drop mirrors)``)."""
+    head, _, rest = label.partition("@")
+    return head + rest[len(rest.split()[0]) :] if rest else head
+
+
 def table_rows(result: dict[str, Any]) -> list[str]:
     """Markdown table of the fidelity rows (all requests; reused ones in parentheses)."""
     lines = [
@@ -381,7 +411,7 @@ def table_rows(result: dict[str, Any]) -> list[str]:
         a, u = x["all"], x["reused"]
         ratio = "-" if x["ratio"] is None else f"{x['ratio']:g}"
         lines.append(
-            f"| {x['label'].split('@')[0] + (' closed loop' if x.get('closed_loop') else '')} "
+            f"| {_server(x['label']) + (' closed loop' if x.get('closed_loop') else '')} "
             f"| {ratio} | "
             f"{f(a.get('top1_agreement'))} ({f(u.get('top1_agreement'))}) | "
             f"{e(a.get('kl_first_token_mean'))} / {e(a.get('kl_first_token_max'))} | "

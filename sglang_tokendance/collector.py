@@ -34,6 +34,7 @@ import torch
 from sglang_tokendance.accounting import Counters
 from sglang_tokendance.cache.api import CollectorCache
 from sglang_tokendance.cache.row_plan import RowLayout, SharedUse
+from sglang_tokendance.cache.rows import index_runs
 from sglang_tokendance.config import TokenDanceConfig
 from sglang_tokendance.hints import find_action, parse_payload
 from sglang_tokendance.selection import select_recompute
@@ -264,7 +265,7 @@ class Collector:
                 idx = torch.arange(use.start, use.end)
             else:  # a fully fresh segment is one contiguous run of the fresh region
                 idx = torch.nonzero((row_pos >= use.start) & (row_pos < use.end)).flatten()
-                if idx.numel() != use.end - use.start or _runs(idx) != [
+                if idx.numel() != use.end - use.start or index_runs(idx) != [
                     (int(idx[0]), int(idx[-1]) + 1)
                 ]:
                     continue
@@ -276,7 +277,7 @@ class Collector:
             if probe is not None and probe.complete and res.node.deviation is None:
                 res.node.deviation = probe.scores
             if res.inserted:
-                self.cache.claim_row_ranges(row, _runs(idx))
+                self.cache.claim_row_ranges(row, index_runs(idx))
                 self.cache.pin_segment(res.node, row)
                 self.counters.masters_created += 1
 
@@ -298,12 +299,17 @@ class Collector:
                 continue  # the last token was forced fresh etc.: keep it request-owned
             order = torch.argsort(lay.row_pos[idx])
             idx = idx[order]
-            slots = self.cache.row_slots(row, idx)
             indices = use.recompute + use.node_offset
+            if self.cfg.mirror == "drop":
+                # the agent's later prompt tokens already attended to the corrected KV; from
+                # now on its row reads the master's (rotated by the position difference)
+                self.cache.repoint_row(row, idx, use.node, indices, lay.round_id)
+                continue
+            slots = self.cache.row_slots(row, idx)
             self.cache.attach_mirror(
                 lay.round_id, lay.agent, use.node, indices, slots, req_pool_idx=row, at=use.start
             )
-            ranges = _runs(idx)
+            ranges = index_runs(idx)
             self.cache.claim_row_ranges(row, ranges)
 
 
@@ -313,13 +319,3 @@ def _narrow(use: SharedUse, hit: Any) -> None:
     use.end = use.start + hit.length
     use.node = hit.node
     use.node_offset = hit.node_offset
-
-
-def _runs(idx: torch.Tensor) -> list[tuple[int, int]]:
-    """Sorted row indices -> half-open runs (a handful per segment: runs, not tokens)."""
-    if idx.numel() == 0:
-        return []
-    breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1
-    starts = torch.cat([idx[:1], idx[breaks]]).tolist()
-    ends = torch.cat([idx[breaks - 1] + 1, idx[-1:] + 1]).tolist()
-    return list(zip(starts, ends, strict=True))

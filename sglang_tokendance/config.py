@@ -10,6 +10,7 @@ Mode = Literal["tokendance", "pic", "off"]
 MODES: tuple[str, ...] = ("tokendance", "pic", "off")
 SELECTIONS: tuple[str, ...] = ("leading", "deviation", "both")  # see selection.py
 MASTER_POLICIES: tuple[str, ...] = ("fresh", "author")
+MIRROR_POLICIES: tuple[str, ...] = ("keep", "drop")
 DEFAULT_SEPARATOR = "<|td|>"
 
 
@@ -30,6 +31,7 @@ class TokenDanceConfig:
     check_layer: int = 1
     separator: str = DEFAULT_SEPARATOR
     uniform_attention: bool = False
+    mirror: str = "keep"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -50,6 +52,10 @@ class TokenDanceConfig:
             raise ValueError(
                 f"--tokendance-master-policy must be one of {MASTER_POLICIES}, "
                 f"got {self.master_policy!r}"
+            )
+        if self.mirror not in MIRROR_POLICIES:
+            raise ValueError(
+                f"--tokendance-mirror must be one of {MIRROR_POLICIES}, got {self.mirror!r}"
             )
         if self.check_layer < 0:
             raise ValueError(f"--tokendance-check-layer must be >= 0, got {self.check_layer}")
@@ -150,6 +156,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Separator string that splits plain-text prompts into segments for clients that "
         "cannot send structured hints. Default %(default)r.",
     )
+    g.add_argument(
+        "--tokendance-mirror",
+        choices=MIRROR_POLICIES,
+        default=d.mirror,
+        help="What an agent keeps of the tokens it recomputed in a reused segment: keep = their "
+        "KV (a sparse diff against the master, freed with the request); drop = free them after "
+        "the agent's prefill and point its row back at the master's slots (later prompt tokens "
+        "already saw the corrected KV; decode reads the master's). Default %(default)s.",
+    )
     _add_uniform(g)
 
 
@@ -174,6 +189,7 @@ def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
         check_layer=int(getattr(ns, "tokendance_check_layer", 1)),
         separator=getattr(ns, "tokendance_separator", DEFAULT_SEPARATOR),
         uniform_attention=bool(getattr(ns, "tokendance_uniform_attention", False)),
+        mirror=getattr(ns, "tokendance_mirror", TokenDanceConfig.mirror),
     )
 
 

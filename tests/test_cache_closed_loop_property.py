@@ -70,8 +70,9 @@ class ClosedLoop(RuleBasedStateMachine):
         wrapped=st.booleans(),
         seg=st.integers(0, len(MASTERS) - 1),
         twice=st.booleans(),
+        drop=st.booleans(),
     )
-    def start(self, returning: bool, wrapped: bool, seg: int, twice: bool) -> None:
+    def start(self, returning: bool, wrapped: bool, seg: int, twice: bool, drop: bool) -> None:
         """An agent's request: private prefix, one re-used segment, two fresh suffix tokens."""
         if not returning or self.next_agent == 0:
             self.next_agent += 1  # a new agent: its predecessors never come back
@@ -111,6 +112,12 @@ class ClosedLoop(RuleBasedStateMachine):
         self.cache.claim_row_ranges(row, [(at, end)])
         # the first suffix token is this agent's recomputed copy of the segment's first token;
         # with ``twice`` the prompt holds the segment a second time (two agents said the same)
+        if drop:  # --tokendance-mirror drop: the recomputed slot goes, the row reads the master
+            self.cache.repoint_row(
+                row, torch.tensor([end]), node, torch.tensor([offset]), f"r{self.round}"
+            )
+            self.running.append(req)
+            return
         for k in range(2 if twice else 1):
             slot = self.pools.req_to_token_pool.req_to_token[row, end + k : end + k + 1]
             self.cache.attach_mirror(

@@ -47,3 +47,12 @@ class CollectorCache(Protocol):
     def pin_segment(self, node: AllGatherNode, req_pool_idx: int | None = None) -> None: ...
 
     def row_slots(self, req_pool_idx: int, index: torch.Tensor) -> torch.Tensor: ...
+
+    def repoint_row(
+        self,
+        req_pool_idx: int,
+        index: torch.Tensor,
+        node: AllGatherNode,
+        node_index: torch.Tensor,
+        round_id: str,
+    ) -> int: ...

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .nodes import Mirror, SegmentId
+from .nodes import AllGatherNode, Mirror, SegmentId
 
 MAX_ROUNDS = 256  # rounds remembered (oldest forgotten first)
 
@@ -52,16 +52,20 @@ class RoundLedger:
 
     def record(self, mirror: Mirror) -> None:
         """Count ``mirror`` (just attached) in its round."""
-        rid = mirror.key.round_id
+        self.record_use(mirror.key.round_id, mirror.node, mirror.num_slots)
+
+    def record_use(self, rid: str, node: AllGatherNode, slots: int) -> None:
+        """Count one agent's view of ``node`` in round ``rid`` that keeps ``slots`` own slots
+        (0 when the agent's recomputed slots were dropped)."""
         rec = self._rounds.get(rid)
         if rec is None:
             rec = self._rounds[rid] = RoundRecord()
             while len(self._rounds) > self._max:
                 self._rounds.popitem(last=False)
         rec.mirrors += 1
-        rec.mirror_tokens += mirror.num_slots
-        rec.dense_equiv_tokens += mirror.node.length
-        rec.node_lengths[mirror.node.node_id] = mirror.node.length
+        rec.mirror_tokens += slots
+        rec.dense_equiv_tokens += node.length
+        rec.node_lengths[node.node_id] = node.length
 
     def stats(self, round_id: str) -> dict[str, float | int | None]:
         """The round's storage view (all zero, ratio None, for a round without mirrors)."""

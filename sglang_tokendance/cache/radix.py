@@ -44,7 +44,7 @@ from .eviction import evict_lru
 from .integrity import cache_problems, kv_bytes_per_token
 from .ledger import RoundLedger
 from .nodes import AllGatherNode, HashFn, Mirror, token_hash
-from .rows import Range, RowClaim, RowTable
+from .rows import Range, RowClaim, RowTable, index_runs
 from .store import IntegrityError, SegmentInsert, SegmentStore, TokenIds
 
 if TYPE_CHECKING:
@@ -376,6 +376,33 @@ class TokenDanceRadixCache(RadixCache):
     def row_slots(self, req_pool_idx: int, index: torch.Tensor) -> torch.Tensor:
         """The KV slots at ``index`` (row entries) of a running row, as a new int64 tensor."""
         return self.req_to_token_pool.req_to_token[req_pool_idx][index].to(torch.int64).clone()
+
+    def repoint_row(
+        self,
+        req_pool_idx: int,
+        index: torch.Tensor,
+        node: AllGatherNode,
+        node_index: torch.Tensor,
+        round_id: str,
+    ) -> int:
+        """Point a running row's entries ``index`` at ``node``'s master slots ``node_index``
+        and free the slots they held (``--tokendance-mirror drop``); returns slots freed.
+
+        The entries must be the request's own (fresh) slots. They become claimed (foreign) and
+        the row pins ``node``, so releasing the request frees neither the master nor anything
+        twice; the row's true positions stay, so attention rotates the master's keys by the
+        difference, as for any reused entry.
+        """
+        idx = index.to(torch.int64)
+        table = self.req_to_token_pool.req_to_token
+        old = table[req_pool_idx, idx].to(torch.int64).clone()
+        master = node.master_slots[node_index.to(torch.int64)]
+        table[req_pool_idx, idx] = master.to(device=table.device, dtype=table.dtype)
+        self.pin_segment(node, req_pool_idx)
+        self.claim_row_ranges(req_pool_idx, index_runs(idx))
+        self.token_to_kv_pool_allocator.free(old.to(self.token_to_kv_pool_allocator.device))
+        self.ledger.record_use(round_id, node, 0)  # a view of the master with no diff
+        return int(old.numel())
 
     def row_owned_slots(self, req_pool_idx: int, start: int, end: int) -> torch.Tensor:
         """Slots of ``row[start:end]`` that the row's request owns (claimed ranges removed)."""

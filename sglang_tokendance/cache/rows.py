@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from .nodes import AllGatherNode, MirrorKey
 
 Range = tuple[int, int]
@@ -43,6 +45,19 @@ def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
         else:
             out.append((start, end))
     return out
+
+
+def index_runs(idx: torch.Tensor) -> list[Range]:
+    """Sorted row indices -> half-open runs (a handful per segment: runs, not tokens).
+
+    Example: ``[2, 3, 4, 7, 8]`` -> ``[(2, 5), (7, 9)]``.
+    """
+    if idx.numel() == 0:
+        return []
+    breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1
+    starts = torch.cat([idx[:1], idx[breaks]]).tolist()
+    ends = torch.cat([idx[breaks - 1] + 1, idx[-1:] + 1]).tolist()
+    return list(zip(starts, ends, strict=True))
 
 
 def subtract_ranges(ranges: Sequence[Range], holes: Sequence[Range]) -> list[Range]:
