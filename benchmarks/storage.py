@@ -9,9 +9,9 @@ Definition (the replayer's and the server's ``kv_bytes_per_agent``)::
 measured by the server (``GET /tokendance/stats`` -> ``per_round``) for the LAST round of each
 run (round >= 2: the steady state, where the round's shared segments are the previous round's
 outputs). It counts everything the round needs resident: private prefixes and suffixes, the
-masters of shared segments, mirrors (tokendance) or dense copies (pic), the generated tokens,
-and the previous round's mirrors that are still held (an agent's mirrors live until its next
-round's request finishes). Evictable radix entries and unreferenced masters are not counted.
+masters of shared segments, mirrors (tokendance) or dense copies (pic) and the generated
+tokens. A mirror is freed when the request that made it finishes, so no earlier round's diffs
+are held. Evictable radix entries and unreferenced masters are not counted.
 ``dense_kv_bytes_per_agent`` is what private copies of every prompt (+ its outputs) would take.
 
 Every mode gets the same prompts. Requests carry TokenDance hints in every mode: a mode-off
