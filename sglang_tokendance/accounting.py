@@ -14,6 +14,9 @@ from typing import Any
 from sglang_tokendance.state import state_of
 
 MAX_ROUNDS = 256  # per-round records kept (oldest dropped first)
+# A round whose tightest batch left less than this share of the pool free (or evictable) ran
+# against a full pool: its KV figure is what fitted, a lower bound of what it needed.
+SATURATED_SHARE = 0.02
 
 
 @dataclass(slots=True)
@@ -47,6 +50,8 @@ class RoundCounters:
     cached_tokens: int = 0
     max_new_tokens: int = 0
     peak_used_tokens: int = 0
+    min_free_tokens: int | None = None  # free + evictable slots at the tightest batch
+    queued_for_memory: bool = False  # requests waited in SGLang's queue while the round ran
 
 
 class Accounting:
@@ -56,11 +61,22 @@ class Accounting:
         self.counters = Counters()
         self.rounds: OrderedDict[str, RoundCounters] = OrderedDict()
         self.peak_used_tokens = 0
+        self.pool_tokens = 0
 
-    def observe_batch(self, reqs: list[Any], is_extend: bool, used_tokens: int) -> None:
+    def observe_batch(
+        self,
+        reqs: list[Any],
+        is_extend: bool,
+        used_tokens: int,
+        pool_tokens: int = 0,
+        queued: int = 0,
+    ) -> None:
         """Track the peak of ``used_tokens`` (pool - free - evictable) overall and per round,
-        and count each hinted request's prompt once, at its first prefill batch."""
+        how close each round came to a full pool (``queued``: requests waiting in SGLang's
+        queue meanwhile), and count each hinted request's prompt once, at its first prefill."""
         self.peak_used_tokens = max(self.peak_used_tokens, used_tokens)
+        self.pool_tokens = pool_tokens or self.pool_tokens
+        free = self.pool_tokens - used_tokens
         seen: set[str] = set()
         for req in reqs:
             st = state_of(req)
@@ -73,6 +89,10 @@ class Accounting:
                     self.rounds.popitem(last=False)
             if st.round_id not in seen:
                 rc.peak_used_tokens = max(rc.peak_used_tokens, used_tokens)
+                rc.min_free_tokens = (
+                    free if rc.min_free_tokens is None else min(rc.min_free_tokens, free)
+                )
+                rc.queued_for_memory |= queued > 0 and free < SATURATED_SHARE * self.pool_tokens
                 seen.add(st.round_id)
             if is_extend and not st.counted:
                 st.counted = True
@@ -90,6 +110,9 @@ class Accounting:
         out = []
         for rc in self.rounds.values():
             agents = max(rc.agents, 1)
+            tight = rc.min_free_tokens is not None and (
+                rc.min_free_tokens < SATURATED_SHARE * max(self.pool_tokens, 1)
+            )
             out.append(
                 {
                     "round": rc.round_id,
@@ -97,6 +120,9 @@ class Accounting:
                     "prompt_tokens": rc.prompt_tokens,
                     "prefill_tokens_computed": rc.prompt_tokens - rc.cached_tokens,
                     "kv_tokens_peak": rc.peak_used_tokens,
+                    "min_free_tokens": rc.min_free_tokens,
+                    # a full pool capped the figure: what fitted, a lower bound of the need
+                    "pool_saturated": tight or rc.queued_for_memory,
                     "kv_bytes_per_agent": rc.peak_used_tokens * bytes_per_token / agents,
                     # what private per-agent copies of every prompt (+ its outputs) would take
                     "dense_kv_bytes_per_agent": (rc.prompt_tokens + rc.max_new_tokens)

@@ -99,6 +99,18 @@ class Collector:
         layout = RowLayout(hint.round, hint.agent, ids, prefix_len, shared)
         return RequestState(hint.agent, hint.round, hint.round_size, layout=layout)
 
+    def parse_round(self, req: Any) -> RequestState | None:
+        """Mode off: a record naming the request's round and agent only (no layout, so SGLang
+        runs it as ever), or None for no hint or an unreadable one."""
+        try:
+            payload = find_action(getattr(req, "kv_hints", None))
+            if payload is None:
+                return None
+            hint = parse_payload(payload, None)
+        except ValueError:
+            return None
+        return RequestState(hint.agent, hint.round, hint.round_size, role="alone")
+
     def start_round(self, round_id: str, reqs: list[Any], waited_s: float) -> list[Any]:
         """Plan a released round; returns the requests to queue now (the rest wait)."""
         t0 = time.perf_counter()

@@ -57,8 +57,17 @@ class TokenDanceScheduler:
 
     # ---- queueing -----------------------------------------------------------------------
     def intercept(self, req: Any) -> bool:
-        """True if the request was taken (held or planned); False: SGLang queues it as usual."""
-        if not self.cfg.active or state_of(req) is not None:
+        """True if the request was taken (held or planned); False: SGLang queues it as usual.
+
+        In mode off a hinted request keeps SGLang's path (no layout, no barrier, no cap): it
+        only gets a record naming its round, so the accounting measures every mode per round.
+        """
+        if not self.cfg.enabled or state_of(req) is not None:
+            return False
+        if not self.cfg.active:
+            st = self.collector.parse_round(req)
+            if st is not None:
+                attach(req, st)
             return False
         try:
             st = self.collector.parse(req)
@@ -151,7 +160,10 @@ class TokenDanceScheduler:
         sched = self.scheduler
         alloc = sched.token_to_kv_pool_allocator
         used = int(alloc.size - alloc.available_size() - sched.tree_cache.evictable_size())
-        self.acct.observe_batch(batch.reqs, batch.forward_mode.is_extend(), used)
+        queued = len(sched.waiting_queue)
+        self.acct.observe_batch(
+            batch.reqs, batch.forward_mode.is_extend(), used, int(alloc.size), queued
+        )
 
     def abort(self, rid: str, abort_all: bool) -> None:
         def match(req: Any) -> bool:

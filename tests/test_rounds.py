@@ -312,3 +312,17 @@ def test_deviation_selection_scores_masters_once_and_picks_non_leading_tokens(se
     assert s["nonleading_selections"] > before["nonleading_selections"]
     assert s["store_last_round"]["mirrors"] == 5 * 6
     assert s["integrity"] == "ok"
+
+
+def test_mode_off_runs_hinted_requests_stock_and_accounts_them_per_round(servers) -> None:
+    url = servers["off"].url
+    trace = generative_agents(agents=4, rounds=1, seed=21, private_words=30, shared_words=20)
+    reqs = trace.rounds()[1]
+    plain = run_round(url, round_bodies(reqs, "offacct", False, 4))
+    hinted = run_round(url, round_bodies(reqs, "offacct", True, 4))
+    assert [o["output_ids"] for o in hinted] == [o["output_ids"] for o in plain]
+    s = stats(url)
+    rnd = next(r for r in s["per_round"] if r["round"] == "offacct")
+    assert rnd["agents"] == 4 and rnd["kv_tokens_peak"] > 0
+    assert rnd["pool_saturated"] is False
+    assert s["masters_created"] == 0 and s["rounds"] == 0  # no round was planned

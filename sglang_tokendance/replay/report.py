@@ -132,6 +132,14 @@ def build_report(
         src["kv_bytes_per_agent"] = "computed"
     prompt_tokens = sum(q.prompt_tokens for q in ok)
     computed = sum(q.prompt_tokens - q.cached_tokens for q in ok)
+    last_round = stats.get("last_round") or {}
+    # the pool was full while the measured round ran: its KV is what fitted (a lower bound)
+    saturated = bool(last_round.get("pool_saturated")) or (
+        src.get("kv_bytes_per_agent") == "computed"
+        and peak is not None
+        and stats.get("pool_tokens")
+        and peak >= 0.98 * stats["pool_tokens"]
+    )
     report: dict[str, Any] = {
         "mode": opts.mode,
         "closed_loop": opts.closed_loop,
@@ -149,6 +157,7 @@ def build_report(
         "kv_tokens_peak": stats.get("kv_tokens_peak"),
         "kv_bytes_per_token": per_tok,
         "kv_bytes_per_agent": per_agent,
+        "kv_per_agent_lower_bound": saturated,
         "dense_kv_bytes_per_agent": dense,
         "kv_source": src,
         # only rounds whose every request was answered: a round that failed did not run
@@ -217,7 +226,12 @@ def summary(report: dict[str, Any]) -> str:
         f"  prefill tokens computed  {_fmt(report['prefill_tokens_computed'])}",
         f"  completion tokens        {_fmt(report['completion_tokens'])}",
         f"  KV per agent             {_kib(report['kv_bytes_per_agent'])} "
-        f"(dense {_kib(report['dense_kv_bytes_per_agent'])})",
+        f"(dense {_kib(report['dense_kv_bytes_per_agent'])})"
+        + (
+            "  LOWER BOUND: the pool was full in the measured round"
+            if report.get("kv_per_agent_lower_bound")
+            else ""
+        ),
         f"  KV tokens peak           {_fmt(report['kv_tokens_peak'])}",
     ]
     failed = report.get("rounds_failed", 0)
