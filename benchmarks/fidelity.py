@@ -411,7 +411,7 @@ def table_rows(result: dict[str, Any]) -> list[str]:
         a, u = x["all"], x["reused"]
         ratio = "-" if x["ratio"] is None else f"{x['ratio']:g}"
         lines.append(
-            f"| {_server(x['label']) + (' closed loop' if x.get('closed_loop') else '')} "
+            f"| {_server(x['label'])} "
             f"| {ratio} | "
             f"{f(a.get('top1_agreement'))} ({f(u.get('top1_agreement'))}) | "
             f"{e(a.get('kl_first_token_mean'))} / {e(a.get('kl_first_token_max'))} | "
