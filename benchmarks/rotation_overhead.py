@@ -44,8 +44,8 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.layers.rotary_embedding import get_rope
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-
     from sglang_tokendance.attention.backend import TokenDanceAttnBackend
+
     from sglang_tokendance.positions import get_position_table
 
     dtype = getattr(torch, args.dtype)

@@ -11,6 +11,7 @@ MODES: tuple[str, ...] = ("tokendance", "pic", "off")
 SELECTIONS: tuple[str, ...] = ("leading", "deviation", "both")  # see selection.py
 MASTER_POLICIES: tuple[str, ...] = ("fresh", "author")
 MIRROR_POLICIES: tuple[str, ...] = ("keep", "drop")
+ATTENTION_PATHS: tuple[str, ...] = ("auto", "triton", "torch")  # see attention/dispatch.py
 DEFAULT_SEPARATOR = "<|td|>"
 
 
@@ -32,6 +33,7 @@ class TokenDanceConfig:
     separator: str = DEFAULT_SEPARATOR
     uniform_attention: bool = False
     mirror: str = "keep"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -56,6 +58,10 @@ class TokenDanceConfig:
         if self.mirror not in MIRROR_POLICIES:
             raise ValueError(
                 f"--tokendance-mirror must be one of {MIRROR_POLICIES}, got {self.mirror!r}"
+            )
+        if self.attention not in ATTENTION_PATHS:
+            raise ValueError(
+                f"--tokendance-attention must be one of {ATTENTION_PATHS}, got {self.attention!r}"
             )
         if self.check_layer < 0:
             raise ValueError(f"--tokendance-check-layer must be >= 0, got {self.check_layer}")
@@ -165,15 +171,26 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "the agent's prefill and point its row back at the master's slots (later prompt tokens "
         "already saw the corrected KV; decode reads the master's). Default %(default)s.",
     )
-    _add_uniform(g)
+    _add_attention(g)
 
 
-def _add_uniform(g: Any) -> None:
+def _add_attention(g: Any) -> None:
+    g.add_argument(
+        "--tokendance-attention",
+        choices=ATTENTION_PATHS,
+        default=TokenDanceConfig().attention,
+        help="Kernels for batches that hold a laid-out (reusing) row: triton = fused Triton "
+        "extend/decode kernels (rotation in the key load, one launch per layer; on CPU only "
+        "under TRITON_INTERPRET=1, for tests); torch = batched torch gather + rotation + SDPA; "
+        "auto = triton on CUDA, torch on CPU. Batches without such a row always run the "
+        "--attention-backend SGLang would use. Default %(default)s.",
+    )
     g.add_argument(
         "--tokendance-uniform-attention",
         action="store_true",
-        help="Run every request (hinted or not) through the position-aware attention path, so "
-        "benchmarks compare modes on one code path. Off: plain rows use torch_native's code.",
+        help="Run every batch (hinted or not) through the position-aware path, so a benchmark "
+        "can compare modes on one code path. Off: batches without a laid-out row run the "
+        "user's attention backend.",
     )
 
 
@@ -190,6 +207,7 @@ def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
         separator=getattr(ns, "tokendance_separator", DEFAULT_SEPARATOR),
         uniform_attention=bool(getattr(ns, "tokendance_uniform_attention", False)),
         mirror=getattr(ns, "tokendance_mirror", TokenDanceConfig.mirror),
+        attention=getattr(ns, "tokendance_attention", "auto"),
     )
 
 

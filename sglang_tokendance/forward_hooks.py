@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from sglang_tokendance.attention.deviation import get_probe_board
+from sglang_tokendance.attention.hooks import begin_forward
 from sglang_tokendance.state import pool_state, state_of
 
 
@@ -31,25 +34,26 @@ def register_probes(reqs: list[Any], req_to_token_pool: Any) -> None:
 
 
 def fix_extend_positions(forward_batch: Any, req_to_token_pool: Any) -> None:
-    """Overwrite positions of laid-out rows' extend tokens in place."""
+    """Overwrite positions of laid-out rows' extend tokens in place (vectorized).
+
+    SGLang gave extend token ``i`` of a row the position ``j = prefix_len + i``, its row index;
+    inside a row's layout the true position is ``req_to_pos[row, j]`` instead.
+    """
     table = pool_state(req_to_token_pool).positions
-    if table is None or not table.laid_out_rows or forward_batch.positions is None:
+    fb = forward_batch
+    if table is None or not table.laid_out_rows or fb.positions is None:
         return
-    if not forward_batch.forward_mode.is_extend():
+    if not fb.forward_mode.is_extend() or fb.extend_seq_lens is None:
         return
-    rows = forward_batch.req_pool_indices.tolist()
-    prefix = forward_batch.extend_prefix_lens_cpu
-    lens = forward_batch.extend_seq_lens_cpu
-    if prefix is None or lens is None:
+    idx = fb.req_pool_indices_cpu
+    rows = (fb.req_pool_indices if idx is None else idx).tolist()
+    if table.laid_out_rows.isdisjoint(rows):
         return
-    start = 0
-    for i, row in enumerate(rows):
-        n = int(lens[i])
-        if table.has_layout(row):
-            p = int(prefix[i])
-            pos = table.row_positions(row, p + n)[p:]
-            forward_batch.positions[start : start + n] = pos.to(forward_batch.positions.dtype)
-        start += n
+    row_of = torch.repeat_interleave(fb.req_pool_indices.long(), fb.extend_seq_lens.long())
+    j = fb.positions.long()
+    inside = j < table.layout_len[row_of].long()
+    true = table.req_to_pos[row_of, j.clamp(max=table.req_to_pos.shape[1] - 1)].long()
+    fb.positions.copy_(torch.where(inside, true, j).to(fb.positions.dtype))
 
 
 def after_prepare(result: Any, batch: Any, *args: Any, **kw: Any) -> None:
@@ -61,6 +65,8 @@ def after_prepare(result: Any, batch: Any, *args: Any, **kw: Any) -> None:
 
 
 def after_init_new(result: Any, cls: Any, batch: Any, model_runner: Any, *a: Any, **k: Any) -> Any:
-    """``ForwardBatch.init_new`` (after): extend positions of laid-out rows."""
+    """``ForwardBatch.init_new`` (after): extend positions of laid-out rows, then the forward's
+    attention path (its KV writes tagged with those positions)."""
     fix_extend_positions(result, model_runner.req_to_token_pool)
+    begin_forward(result, model_runner)
     return result

@@ -1,10 +1,11 @@
 """SGLang plugin entry point (``sglang.srt.plugins: tokendance``).
 
 ``register()`` runs in every SGLang process (launcher, scheduler, detokenizer) before arguments
-are parsed. It adds the CLI flags, registers the radix cache backend and the attention backend
-named "tokendance", and installs hooks through SGLang's HookRegistry. Every hook is a no-op unless
-``--enable-tokendance`` was given; with the flag absent SGLang behaves exactly as without the
-plugin. The config travels to the scheduler as an underscore attribute of ServerArgs (it survives
+are parsed. It adds the CLI flags, registers the radix cache backend named "tokendance", and
+installs hooks through SGLang's HookRegistry (the attention side hooks SGLang's attention layer,
+not its backend registry: the user's backend keeps running stock batches). Every hook is a
+no-op unless ``--enable-tokendance`` was given; with the flag absent SGLang behaves exactly as
+without the plugin. The config travels to the scheduler as an underscore attribute of ServerArgs (it survives
 pickling; the sealed msgspec fields do not admit new names).
 """
 
@@ -14,6 +15,7 @@ import logging
 from typing import Any
 
 from sglang_tokendance import patches
+from sglang_tokendance.attention.dispatch import resolve_path
 from sglang_tokendance.config import CONFIG_ATTR, add_cli_args, from_namespace
 
 logger = logging.getLogger("sglang_tokendance")
@@ -30,7 +32,8 @@ def after_add_cli_args(result: Any, parser: Any) -> Any:
 
 
 def after_from_cli_args(server_args: Any, cls: Any, args: Any) -> Any:
-    """``ServerArgs.from_cli_args`` (after): validate, select the backends, attach the config."""
+    """``ServerArgs.from_cli_args`` (after): validate, select the radix cache, attach the
+    config."""
     del cls
     cfg = from_namespace(args)  # ValueError with the flag's name on bad values
     if not cfg.enabled:
@@ -41,10 +44,21 @@ def after_from_cli_args(server_args: Any, cls: Any, args: Any) -> Any:
             f"TokenDance requires --page-size 1 (token-sparse diffs); got --page-size {page_size}"
         )
     server_args.radix_cache_backend = BACKEND_NAME
-    # Every mode (off included) runs the same position-aware backend, so a comparison
-    # measures the reuse, not a kernel difference. Rows without layouts take torch_native's code.
-    if getattr(server_args, "attention_backend", None) in (None, "torch_native"):
-        server_args.attention_backend = BACKEND_NAME
+    # The attention backend stays the user's (or SGLang's default for the device): batches
+    # without a laid-out row run it untouched; the position-tagged path is chosen per batch
+    # (attention/dispatch.py). Refuse a path this device cannot run now, not at first forward.
+    device = getattr(server_args, "device", None)
+    if device is not None:
+        resolve_path(cfg.attention, str(device))
+    for flag, attr in (
+        ("--speculative-algorithm", "speculative_algorithm"),
+        ("--enable-two-batch-overlap", "enable_two_batch_overlap"),
+    ):
+        if getattr(server_args, attr, None):
+            raise ValueError(
+                f"TokenDance does not support {flag} (a second model runner or "
+                "split batches would bypass its attention path)"
+            )
     # The collector writes KV layouts from the scheduler between batches: overlap scheduling
     # would run the next batch's prep concurrently with the current forward.
     server_args.disable_overlap_schedule = True
@@ -80,8 +94,5 @@ def register() -> None:
 
     if get_radix_cache_factory(BACKEND_NAME) is None:
         register_radix_cache_backend(BACKEND_NAME, make_tree_cache)
-    from sglang_tokendance.attention.backend import register_backend
-
-    register_backend()
     patches.install_hooks(table)
     _registered = True

@@ -47,6 +47,9 @@ class PositionTable:
         self.layout_len = torch.zeros(num_rows, dtype=torch.int32, device=device)
         # Python mirror of layout_len != 0, so the hot path can skip tensors for plain batches.
         self.laid_out_rows: set[int] = set()
+        # Bumped whenever a row's entries change other than by appending (a layout set or
+        # cleared, entries repointed): attention's cached decode plans are valid while it holds.
+        self.version = 0
 
     # ---- rows -------------------------------------------------------------------------------
     def set_layout(self, row: int, positions: torch.Tensor) -> None:
@@ -68,12 +71,19 @@ class PositionTable:
         self.req_to_pos[row, :n] = positions.to(self.req_to_pos.device, torch.int32)
         self.layout_len[row] = n
         self.laid_out_rows.add(row)
+        self.version += 1
 
     def clear_layout(self, row: int) -> None:
         """Return ``row`` to the ordinary identity layout (call when the request releases it)."""
         if row in self.laid_out_rows:
             self.laid_out_rows.discard(row)
             self.layout_len[row] = 0
+            self.version += 1
+
+    def row_changed(self, row: int) -> None:
+        """Note that ``row``'s slots were rewritten in place (e.g. repointed at a master)."""
+        del row  # one counter for all rows: such rewrites happen once per request at most
+        self.version += 1
 
     def has_layout(self, row: int) -> bool:
         return row in self.laid_out_rows

@@ -17,6 +17,14 @@ logger = logging.getLogger(__name__)
 ROUTE = "/tokendance/stats"
 
 
+def _attention(scheduler: Any) -> dict[str, Any] | None:
+    """Which kernels ran: forwards on the tagged path vs on the user's backend."""
+    from sglang_tokendance.state import pool_state
+
+    ta = pool_state(scheduler.req_to_token_pool).attention
+    return ta.counts() if ta is not None else None
+
+
 def scheduler_stats(scheduler: Any) -> dict[str, Any]:
     """The stats dict, computed in the scheduler process."""
     from sglang_tokendance.cache.integrity import kv_bytes_per_token
@@ -64,6 +72,7 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         held_requests=td.barrier.held(),
         per_round=td.acct.round_report(bpt),
         watch=td.watch.to_dict() if td.watch is not None else None,
+        attention=_attention(scheduler),
     )
     out["integrity"] = _integrity(scheduler, td)
     rid = td.acct.last_round

@@ -1,4 +1,5 @@
-"""TokenDanceAttnBackend on real SGLang pools: permuted and shifted rows, fast path, tagging."""
+"""The position-tagged path on real SGLang pools, through the RadixAttention hook: permuted and
+shifted rows, stock batches on the user's backend, mixed batches, tagging."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
-from sglang_tokendance.attention.backend import TokenDanceAttnBackend
+from sglang_tokendance.attention import hooks
+from sglang_tokendance.attention.tagged import TaggedAttention
+from sglang_tokendance.config import TokenDanceConfig
 from sglang_tokendance.positions import get_position_table
+from sglang_tokendance.state import pool_state
 
 HD, H, HKV, N = 16, 4, 2, 12
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -42,7 +46,7 @@ class Req(NamedTuple):
 class World:
     """Real SGLang pools + one attention layer + a token sequence with raw q/k/v."""
 
-    def __init__(self, model: torch.nn.Module | None = None) -> None:
+    def __init__(self, model: torch.nn.Module | None = None, path: str = "torch") -> None:
         self.r2t = ReqToTokenPool(
             size=8, max_context_len=64, device="cpu", enable_memory_saver=False
         )
@@ -60,7 +64,9 @@ class World:
         runner = SimpleNamespace(
             device="cpu", req_to_token_pool=self.r2t, token_to_kv_pool=self.kv, model=self.model
         )
-        self.backend = TokenDanceAttnBackend(runner)
+        cfg = TokenDanceConfig(enabled=True, attention=path)
+        self.runner = runner
+        self.tagged = pool_state(self.r2t).attention = TaggedAttention(runner, cfg)
         self.native = TorchNativeAttnBackend(runner)
         self.table = get_position_table(self.r2t)
         self.layer = RadixAttention(H, HD, HD**-0.5, num_kv_heads=HKV, layer_id=0)
@@ -102,9 +108,19 @@ class World:
             extend_prefix_lens_cpu=[r.prefix_len for r in reqs],
         )
         q, k, v = self.qkv(ids, pos)
-        be = backend or self.backend
-        be.init_forward_metadata(fb)
-        return be.forward(q, k, v, self.layer, fb).view(-1, H, HD)
+        self.native.init_forward_metadata(fb)
+        if backend is not None:  # SGLang's own backend alone (the reference)
+            return self.native.forward(q, k, v, self.layer, fb).view(-1, H, HD)
+        hooks.begin_forward(fb, self.runner)  # what ForwardBatch.init_new's hook does
+        self.last_tagged = self.tagged.active
+
+        def stock(layer, q, k, v, fb, save_kv_cache=True):  # noqa: ANN001, ANN202
+            # RadixAttention.forward's own steps: view k/v per head, call the backend.
+            k = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
+            return self.native.forward(q, k, v, layer, fb, save_kv_cache)
+
+        out = hooks.around_radix_attention(stock, self.layer, q, k.reshape(len(ids), -1), v, fb)
+        return out.view(-1, H, HD)
 
 
 def _ordinary_prefill(w: World, row: int = 1) -> tuple[list[int], torch.Tensor]:
@@ -177,12 +193,13 @@ def test_shifted_master_slots_match_fresh_prefill(scaling: dict | None) -> None:
     assert (w.table.slot_pos[[master[t] for t in order]] != torch.tensor(order)).all()
 
 
-def test_no_layout_batch_is_torch_native_bit_identical() -> None:
+def test_no_layout_batch_runs_the_users_backend_bit_identical() -> None:
     w = World()
     sa, _ = _ordinary_prefill(w)
     w.row(5, sa[:8] + [60, 61, 62, 63])  # a prefix hit on row 1's first 8 slots
     reqs = [Req(5, 8, [60, 61, 62, 63], [8, 9, 10, 11])]
     mine = w.forward(ForwardMode.EXTEND, reqs, [8, 9, 10, 11])
+    assert not w.last_tagged
     ref = w.forward(ForwardMode.EXTEND, reqs, [8, 9, 10, 11], backend=w.native)
     assert torch.equal(mine, ref)
     w.row(5, sa[:8] + [60, 61, 62, 63, 64])
@@ -191,9 +208,12 @@ def test_no_layout_batch_is_torch_native_bit_identical() -> None:
         w.forward(ForwardMode.DECODE, dec, [12]),
         w.forward(ForwardMode.DECODE, dec, [12], backend=w.native),
     )
+    assert w.table.slot_pos[[60, 61, 62, 63, 64]].tolist() == [8, 9, 10, 11, 12]
 
 
-def test_plain_row_in_mixed_batch_is_torch_native_bit_identical() -> None:
+def test_mixed_batch_takes_the_tagged_path_and_plain_rows_stay_correct() -> None:
+    """A batch holding a laid-out row runs wholly on the tagged path; its plain row reads
+    identity positions: the stock result up to float rounding."""
     w = World()
     sa, _ = _ordinary_prefill(w)
     w.row(2, [sa[t] for t in [3, 1, 0, 2]] + [30, 31])
@@ -201,10 +221,53 @@ def test_plain_row_in_mixed_batch_is_torch_native_bit_identical() -> None:
     w.row(5, sa[:8] + [60, 61])
     plain = Req(5, 8, [60, 61], [8, 9])
     mixed = w.forward(ForwardMode.EXTEND, [Req(2, 4, [30, 31], [4, 5]), plain], [4, 5, 8, 9])
+    assert w.last_tagged
     alone = w.forward(ForwardMode.EXTEND, [plain], [8, 9], backend=w.native)
-    assert torch.equal(mixed[2:], alone)
+    torch.testing.assert_close(mixed[2:], alone, **TOL)
+    assert w.table.slot_pos[[30, 31, 60, 61]].tolist() == [4, 5, 8, 9]
 
 
-def test_unsupported_model_is_refused_at_backend_init() -> None:
+def test_decode_plan_is_extended_across_steps_and_rebuilt_when_rows_change() -> None:
+    """Three decode steps of a laid-out row next to a plain one: each equals the ordinary
+    row's output; steps 2-3 extend the kept plan, a repointed row forces a rebuild."""
+    w = World()
+    sa, _ = _ordinary_prefill(w)
+    perm = [4, 0, 7, 2, 8, 1, 6, 3, 5, 9, 10, 11]
+    w.row(2, [sa[t] for t in perm])
+    w.table.set_layout(2, torch.tensor(perm))
+    plans = []
+    for step in range(3):
+        t, s1, s2 = N + step, 13 + step, 53 + step
+        w.row(1, w.r2t.req_to_token[1, : N + step].tolist() + [s1])
+        w.row(2, w.r2t.req_to_token[2, : N + step].tolist() + [s2])
+        if step == 2:
+            w.table.row_changed(2)  # e.g. a mirror repointed at its master
+        out = w.forward(ForwardMode.DECODE, [Req(1, t, [s1], [t]), Req(2, t, [s2], [t])], [t, t])
+        assert w.last_tagged
+        torch.testing.assert_close(out[1], out[0], **TOL)
+        plans.append(w.tagged._decode)
+    assert plans[1] is not None and plans[1].slots is plans[0].slots  # extended in place
+    assert plans[2].slots is not plans[1].slots  # rebuilt after the row changed
+    assert plans[2].seq_lens == [N + 3, N + 3]
+
+
+def test_triton_path_matches_torch_path_on_real_pools() -> None:
+    """The same laid-out extend + decode through --tokendance-attention triton (interpreter)."""
+    outs = []
+    for path in ("torch", "triton"):
+        w = World(path=path)
+        sa, _ = _ordinary_prefill(w)
+        perm = [4, 0, 7, 2, 8, 1, 6, 3, 5]
+        w.row(2, [sa[t] for t in perm] + [50, 51, 52])
+        w.table.set_layout(2, torch.tensor(perm + [10, 9, 11]))
+        ext = w.forward(ForwardMode.EXTEND, [Req(2, 9, [50, 51, 52], [10, 9, 11])], [10, 9, 11])
+        w.row(2, [sa[t] for t in perm] + [50, 51, 52, 53])
+        dec = w.forward(ForwardMode.DECODE, [Req(2, N, [53], [N])], [N])
+        outs.append((ext, dec))
+    torch.testing.assert_close(outs[1][0], outs[0][0], **TOL)
+    torch.testing.assert_close(outs[1][1], outs[0][1], **TOL)
+
+
+def test_unsupported_model_is_refused_at_startup() -> None:
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         World(LlamaForCausalLM({"rope_type": "default", "mrope_section": [2, 3, 3]}))

@@ -2,11 +2,13 @@
 
 - :mod:`.rope`: RoPE parameters read off SGLang's rotary module; the delta rotation.
 - :mod:`.reference`: the float32 torch spec (one request at a time).
-- :mod:`.torch_path`: the backend's per-request gather + rotate + SDPA.
-- :mod:`.backend`: ``TokenDanceAttnBackend`` (SGLang's torch_native + the above), registered
-  as ``--attention-backend tokendance``. The only submodule that imports SGLang.
+- :mod:`.torch_path`: one row's key plan, gather + rotate + SDPA (deviation probes, tests).
+- :mod:`.batch_plan`: the torch path for a whole batch (one gather, rotation, SDPA per layer).
 - :mod:`.triton_kernels` / :mod:`.triton_ops`: Triton extend/decode kernels with the rotation
   fused into the key load, and their wrappers (reference signatures).
+- :mod:`.dispatch`: which code a batch runs (the user's backend or the tagged path).
+- :mod:`.tagged` / :mod:`.hooks`: ``TaggedAttention`` over SGLang's pools and the hooks that
+  route tagged batches to it. The only submodules that import SGLang.
 
 Nothing is imported here, so the kernels and the reference load without SGLang (GPU check).
 """

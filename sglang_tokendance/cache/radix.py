@@ -398,6 +398,8 @@ class TokenDanceRadixCache(RadixCache):
         old = table[req_pool_idx, idx].to(torch.int64).clone()
         master = node.master_slots[node_index.to(torch.int64)]
         table[req_pool_idx, idx] = master.to(device=table.device, dtype=table.dtype)
+        if self.positions is not None:
+            self.positions.row_changed(req_pool_idx)
         self.pin_segment(node, req_pool_idx)
         self.claim_row_ranges(req_pool_idx, index_runs(idx))
         self.token_to_kv_pool_allocator.free(old.to(self.token_to_kv_pool_allocator.device))

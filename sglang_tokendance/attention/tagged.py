@@ -1,0 +1,249 @@
+"""``TaggedAttention``: the position-tagged path of batches that hold a laid-out row.
+
+One instance per model runner, in the pool's ``PoolState.attention`` record, created when the
+runner builds its attention backends (so an unsupported RoPE is refused at startup). Per forward
+(:meth:`TaggedAttention.prepare`, from ``ForwardBatch.init_new``) it records the position every
+written slot was rotated at and decides the batch's path (:mod:`.dispatch`). Per layer
+(:meth:`TaggedAttention.forward`), for tagged batches only: write K/V, then
+
+- triton: one extend or decode kernel launch for the whole batch (:mod:`.triton_ops`);
+- torch: one gather, one rotation and one SDPA for the batch (:mod:`.batch_plan`); the decode
+  plan is kept across steps and extended by the new token.
+
+Everything else (stock batches) never reaches this class: the user's backend runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sglang.srt.layers.radix_attention import AttentionType
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from sglang_tokendance.attention import batch_plan as bp
+from sglang_tokendance.attention.deviation import context_deviation, get_probe_board
+from sglang_tokendance.attention.dispatch import batch_is_tagged, resolve_path
+from sglang_tokendance.attention.rope import RopeParams, rope_params_from_model
+from sglang_tokendance.attention.torch_path import gather_keys, plan_row
+from sglang_tokendance.config import TokenDanceConfig
+from sglang_tokendance.positions import get_position_table
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+def host_list(cpu: Any, dev: torch.Tensor | None) -> list[int]:
+    """Host copy of per-request integers, preferring SGLang's CPU mirror (no device sync)."""
+    src = cpu if cpu is not None else dev
+    if src is None:
+        return []
+    return [int(x) for x in (src.tolist() if isinstance(src, torch.Tensor) else src)]
+
+
+class TaggedAttention:
+    """Position-tagged attention over SGLang's pools for one model runner."""
+
+    def __init__(self, model_runner: Any, cfg: TokenDanceConfig) -> None:
+        """Args:
+            model_runner: SGLang's ModelRunner (pools, device, model).
+            cfg: the server's TokenDance config.
+
+        Raises:
+            ValueError: an unsupported RoPE (names the model) or an unusable
+                ``--tokendance-attention`` choice on this device.
+        """
+        self.kv_pool = model_runner.token_to_kv_pool
+        self.r2t_pool = model_runner.req_to_token_pool
+        self.table = get_position_table(self.r2t_pool, self.kv_pool)
+        self.kind = resolve_path(cfg.attention, str(model_runner.device))
+        self.uniform = cfg.uniform_attention
+        self.rope: RopeParams = rope_params_from_model(model_runner.model).to(model_runner.device)
+        self.probes = get_probe_board(self.r2t_pool)
+        layers = getattr(getattr(model_runner, "model_config", None), "num_hidden_layers", None)
+        self.probes.check_layer = min(cfg.check_layer, layers - 1) if layers else cfg.check_layer
+        self.tables = bp.Tables(
+            self.r2t_pool.req_to_token,
+            self.table.req_to_pos,
+            self.table.layout_len,
+            self.table.slot_pos,
+        )
+        self._fb: Any = None  # the forward prepared last (graph runners reuse objects: identity)
+        self.active = False
+        self.probing = False  # deviation probes to fill in this forward
+        self.forwards = {"tagged": 0, "stock": 0}  # forwards per path (the stats route)
+        self._rows: list[int] = []
+        self._extend: list[tuple[bp.BatchKeys, bp.ExtendQueries]] | None = None
+        self._decode: bp.BatchKeys | None = None  # kept across decode steps
+        self._decode_key: tuple[tuple[int, ...], int] | None = None
+        self._decode_fb: Any = None
+        logger.info("TokenDance attention: %s kernels for laid-out batches", self.kind)
+
+    # ---- per forward ----------------------------------------------------------------------
+    def prepare(self, fb: ForwardBatch) -> bool:
+        """Tag this forward's KV writes and decide its path; True: the tagged path (idempotent)."""
+        if fb is self._fb:
+            return self.active
+        self._fb, self._extend = fb, None
+        loc, pos = fb.out_cache_loc, fb.positions
+        if fb.forward_mode.is_idle() or loc is None or pos is None:
+            self.active = False
+            return False
+        if loc.numel() != pos.numel():
+            raise RuntimeError(
+                f"cannot tag KV with positions: {loc.numel()} slots written but "
+                f"{pos.numel()} positions (mode {fb.forward_mode})"
+            )
+        self.table.record_write(loc, pos)
+        self._rows = host_list(fb.req_pool_indices_cpu, fb.req_pool_indices)
+        self.active = batch_is_tagged(self._rows, self.table.laid_out_rows, self.uniform)
+        self.forwards["tagged" if self.active else "stock"] += 1
+        self.probing = (
+            bool(self.probes.rows)
+            and fb.forward_mode.is_extend()
+            and not self.probes.rows.keys().isdisjoint(self._rows)
+        )
+        return self.active
+
+    def counts(self) -> dict[str, object]:
+        """The path's kernels and how many forwards ran on each side."""
+        return {
+            "kernels": self.kind,
+            "tagged_forwards": self.forwards["tagged"],
+            "stock_forwards": self.forwards["stock"],
+        }
+
+    def adopt(self, old: ForwardBatch, new: ForwardBatch) -> None:
+        """``new`` is the copy of the prepared forward ``old`` that the model will see."""
+        if old is self._fb:
+            self._fb = new
+
+    def handles(self, layer: RadixAttention, fb: ForwardBatch) -> bool:
+        """True for a causal decoder self-attention layer of a tagged forward."""
+        return (
+            self.prepare(fb)
+            and not layer.is_cross_attention
+            and layer.attn_type == AttentionType.DECODER
+            and fb.encoder_lens is None
+        )
+
+    def _extend_plans(self, fb: ForwardBatch) -> list[tuple[bp.BatchKeys, bp.ExtendQueries]]:
+        if self._extend is None:
+            ext = host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens)
+            seq = host_list(fb.seq_lens_cpu, fb.seq_lens)
+            starts = [0] * len(ext)
+            for i in range(1, len(ext)):
+                starts[i] = starts[i - 1] + ext[i - 1]
+            rows = fb.req_pool_indices
+            plans = []
+            for g in bp.row_groups(ext):
+                idx = torch.tensor(g, dtype=torch.int64, device=rows.device)
+                plan = bp.plan_batch(rows[idx], [seq[i] for i in g], self.tables, self.rope)
+                qs = bp.extend_queries([ext[i] for i in g], [starts[i] for i in g], fb.positions)
+                plans.append((plan, qs))
+            self._extend = plans
+        return self._extend
+
+    def _decode_plan(self, fb: ForwardBatch) -> bp.BatchKeys:
+        """The decode plan: the last one plus this step's token, or rebuilt when rows changed."""
+        if self._decode_fb is fb and self._decode is not None:
+            return self._decode
+        seq = host_list(fb.seq_lens_cpu, fb.seq_lens)
+        key = (tuple(self._rows), self.table.version)
+        plan, prev = None, self._decode
+        if prev is not None and key == self._decode_key and seq == [s + 1 for s in prev.seq_lens]:
+            plan = bp.append_decode(prev, fb.out_cache_loc)
+        if plan is None:
+            plan = bp.plan_batch(
+                fb.req_pool_indices, seq, self.tables, self.rope, headroom=bp.DECODE_HEADROOM
+            )
+        self._decode, self._decode_key, self._decode_fb = plan, key, fb
+        return plan
+
+    # ---- per layer ------------------------------------------------------------------------
+    def forward(
+        self,
+        layer: RadixAttention,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        fb: ForwardBatch,
+        save_kv_cache: bool = True,
+    ) -> torch.Tensor:
+        """Attention of one layer for a tagged batch; returns ``[T, H * Dv]`` like a backend."""
+        if save_kv_cache and k is not None and v is not None:
+            self.kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v)
+        heads, dv = layer.tp_q_head_num, layer.v_head_dim
+        q_ = q.reshape(-1, heads, layer.qk_head_dim)
+        kbuf = self.kv_pool.get_key_buffer(layer.layer_id)
+        vbuf = self.kv_pool.get_value_buffer(layer.layer_id)
+        decode = fb.forward_mode.is_decode()
+        if self.kind == "triton":
+            o = self._triton(q_, kbuf, vbuf, layer, fb, decode)
+        elif decode:
+            o = bp.decode_batch(q_, kbuf, vbuf, self._decode_plan(fb), self.rope, layer.scaling)
+        else:
+            o = q_.new_empty((q_.shape[0], heads, dv))
+            for plan, qs in self._extend_plans(fb):
+                bp.extend_batch(q_, o, kbuf, vbuf, plan, qs, self.rope, layer.scaling)
+        return o.reshape(-1, heads * dv)
+
+    def _triton(self, q_, kbuf, vbuf, layer, fb, decode: bool) -> torch.Tensor:  # noqa: ANN001
+        from sglang_tokendance.attention import triton_ops
+
+        common = (kbuf, vbuf, *self.tables[:1], self.table.req_to_pos, self.table.layout_len)
+        if decode:
+            return triton_ops.decode_attention(
+                q_, *common, self.table.slot_pos, fb.req_pool_indices, fb.seq_lens,
+                self.rope, layer.scaling,
+            )  # fmt: skip
+        ext = host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens)
+        return triton_ops.extend_attention(
+            q_, *common, self.table.slot_pos, fb.req_pool_indices, fb.seq_lens,
+            fb.extend_seq_lens, fb.positions, self.rope, layer.scaling,
+            max_extend_len=max(ext) if ext else 0,
+        )  # fmt: skip
+
+    # ---- deviation probes -----------------------------------------------------------------
+    def wants_probes(self, layer: RadixAttention, fb: ForwardBatch) -> bool:
+        """True at the check layer of an extend whose rows have deviation probes pending."""
+        return self.probing and layer.layer_id == self.probes.check_layer and fb is self._fb
+
+    def run_probes(self, q: torch.Tensor, layer: RadixAttention, fb: ForwardBatch) -> None:
+        """Fill the deviation probes of this batch's rows at the check layer (reads KV only, so
+        it runs after the layer's attention on either path).
+
+        Once per master computed (not per step): a loop over the probed rows is fine here.
+        """
+        rows = self._rows
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        k_cache = self.kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.kv_pool.get_value_buffer(layer.layer_id)
+        seq_lens = host_list(fb.seq_lens_cpu, fb.seq_lens)
+        ext_lens = host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens)
+        start = 0
+        for i, row in enumerate(rows):
+            end = start + ext_lens[i]
+            probes = self.probes.rows.get(row)
+            if probes:
+                qpos = fb.positions[start:end].long()
+                slots = self.r2t_pool.req_to_token[row, : seq_lens[i]]
+                plan = plan_row(
+                    slots, self.table.row_positions(row, seq_lens[i]), self.table.slot_pos,
+                    self.rope,
+                )  # fmt: skip
+                keys, values = gather_keys(k_cache, plan, self.rope), v_cache[plan.slots]
+                for p in probes.values():
+                    sel = torch.nonzero((qpos >= p.start) & (qpos < p.end)).flatten()
+                    if sel.numel() == 0:
+                        continue
+                    dev = context_deviation(
+                        q_[start:end][sel], keys, values, qpos[sel], plan.key_pos, p.start,
+                        layer.scaling,
+                    )  # fmt: skip
+                    p.scores[(qpos[sel] - p.start).cpu()] = dev.cpu()
+            start = end
