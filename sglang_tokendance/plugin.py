@@ -5,8 +5,8 @@ are parsed. It adds the CLI flags, registers the radix cache backend named "toke
 installs hooks through SGLang's HookRegistry (the attention side hooks SGLang's attention layer,
 not its backend registry: the user's backend keeps running stock batches). Every hook is a
 no-op unless ``--enable-tokendance`` was given; with the flag absent SGLang behaves exactly as
-without the plugin. The config travels to the scheduler as an underscore attribute of ServerArgs (it survives
-pickling; the sealed msgspec fields do not admit new names).
+without the plugin. The config travels to the scheduler as an underscore attribute of ServerArgs
+(it survives pickling; the sealed msgspec fields do not admit new names).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The torch path for a whole batch: one gather, one rotation, one SDPA per layer.
+"""The torch path for a whole batch: one gather and one rotation per layer for all its rows.
 
 A :class:`BatchKeys` plan holds, for every row of a batch, its slots and true key positions
 padded to one width ``C`` (the batch's longest row, plus room for decode steps), and the flat
@@ -13,8 +13,8 @@ Index arithmetic of the padded plan (B rows, width C)::
     valid[b, j] = j < seq_len[b]
     moved       = flat indices b * C + j with a nonzero delta (padding never moves)
 
-    extend queries, token i < ext_len[b] of row b is flat token t = ext_start[b] + i:
-        q_pad[b, i] = q[t]      (padding queries read token 0; their outputs are dropped)
+    extend (FlatKeys): the valid entries of the same plan, row after row (no padding); row b's
+        keys are flat[off_b : off_b + seq_len[b]], off_b = sum of the seq_lens before it
 """
 
 from __future__ import annotations
@@ -24,9 +24,15 @@ from typing import NamedTuple
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-from sglang_tokendance.attention.rope import RopeParams, apply_rotation, delta_cos_sin
+from sglang_tokendance.attention.rope import (
+    RopeParams,
+    apply_rotation,
+    delta_cos_sin,
+    full_width,
+)
 
 BIG = 1 << 30  # key position of padding: never visible to any query
+DENSE_FRACTION = 0.4  # rotate every key (dense form) when more than this share of them moves
 DECODE_HEADROOM = 64  # decode steps a plan absorbs before it is rebuilt wider
 
 
@@ -50,6 +56,10 @@ class BatchKeys(NamedTuple):
     moved: torch.Tensor  # int64 [M], flat indices into B * C
     cos: torch.Tensor  # float32 [M, rotary_dim // 2]
     sin: torch.Tensor
+    # Dense form (most keys move): every key rotated as k * C + k[..., partner] * S, with
+    # C, S [B, C, 1, head_dim] (1 and 0 where a key does not move): two elementwise ops
+    # instead of a gather, a rotation and a scatter of the moved keys (~1.6x faster on CPU).
+    dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def width(self) -> int:
@@ -81,7 +91,12 @@ def plan_batch(
     key_pos = key_pos.masked_fill(~valid, BIG)
     moved = delta.view(-1).nonzero().squeeze(1)
     cos, sin = delta_cos_sin(delta.view(-1)[moved], rope.inv_freq)
-    return BatchKeys(rows, list(seq_lens), slots, key_pos, valid, moved, cos, sin)
+    dense = None
+    if moved.numel() > DENSE_FRACTION * sum(seq_lens):
+        c, s, partner = full_width(*delta_cos_sin(delta.view(-1), rope.inv_freq), rope)
+        shape = (*slots.shape, 1, rope.head_dim)
+        dense = (c.view(shape), s.view(shape), partner)
+    return BatchKeys(rows, list(seq_lens), slots, key_pos, valid, moved, cos, sin, dense)
 
 
 def append_decode(plan: BatchKeys, new_slots: torch.Tensor) -> BatchKeys | None:
@@ -105,6 +120,13 @@ def gather_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, C, Hkv, D]`` keys (moved ones rotated to their true positions) and values."""
     k = k_buffer[plan.slots]  # a copy: safe to rotate in place
+    if plan.dense is not None:
+        c, s, partner = plan.dense
+        if k.dtype != c.dtype:
+            k = k.to(c.dtype)
+        swapped = k.index_select(-1, partner)
+        k.mul_(c).addcmul_(swapped, s)
+        return k.to(k_buffer.dtype), v_buffer[plan.slots]
     if plan.moved.numel():
         flat = k.view(-1, *k.shape[2:])
         flat[plan.moved] = apply_rotation(flat[plan.moved], plan.cos, plan.sin, rope)
@@ -144,68 +166,73 @@ def decode_batch(
     return _sdpa(q.unsqueeze(1), k, v, mask, scale).squeeze(1)
 
 
-class ExtendQueries(NamedTuple):
-    """Where each row's extend tokens sit in the flat batch, padded to ``E`` per row."""
+class FlatKeys(NamedTuple):
+    """The keys of every row of an extend batch, concatenated row after row (no padding)."""
 
-    index: torch.Tensor  # int64 [B, E] into the flat tokens (padding: 0)
-    pos: torch.Tensor  # int64 [B, E] query positions (padding: 0, sees key 0 only)
-    real: torch.Tensor  # bool [B, E]
-
-
-def extend_queries(
-    ext_lens: list[int], starts: list[int], positions: torch.Tensor
-) -> ExtendQueries:
-    """Pad the extend tokens of some rows (``starts``: each row's first flat token)."""
-    dev = positions.device
-    lens = torch.tensor(ext_lens, dtype=torch.int64, device=dev)
-    start = torch.tensor(starts, dtype=torch.int64, device=dev)
-    i = torch.arange(max(ext_lens), dtype=torch.int64, device=dev).view(1, -1)
-    real = i < lens.view(-1, 1)
-    index = (start.view(-1, 1) + i).masked_fill_(~real, 0)
-    pos = positions.to(torch.int64)[index].masked_fill_(~real, 0)
-    return ExtendQueries(index, pos, real)
+    slots: torch.Tensor  # int64 [sum S]
+    key_pos: torch.Tensor  # int64 [sum S]
+    moved: torch.Tensor  # int64 [M] indices into the flat keys
+    cos: torch.Tensor  # float32 [M, rotary_dim // 2]
+    sin: torch.Tensor
+    seq_lens: list[int]
 
 
-def extend_batch(
+def plan_flat(
+    rows: torch.Tensor, seq_lens: list[int], tables: Tables, rope: RopeParams
+) -> FlatKeys:
+    """:func:`plan_batch`'s keys with the padding squeezed out (vectorized)."""
+    padded = plan_batch(rows, seq_lens, tables, rope)
+    valid = padded.valid.view(-1)
+    delta_moved = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
+    delta_moved[padded.moved] = True
+    moved = delta_moved[valid].nonzero().squeeze(1)  # same order as padded.moved
+    return FlatKeys(
+        padded.slots.view(-1)[valid],
+        padded.key_pos.view(-1)[valid],
+        moved,
+        padded.cos,
+        padded.sin,
+        list(seq_lens),
+    )
+
+
+def extend_rows(
     q: torch.Tensor,
     out: torch.Tensor,
     k_buffer: torch.Tensor,
     v_buffer: torch.Tensor,
-    plan: BatchKeys,
-    queries: ExtendQueries,
+    keys: FlatKeys,
+    ext_lens: list[int],
+    positions: torch.Tensor,
     rope: RopeParams,
     scale: float,
 ) -> None:
-    """Extend attention of the plan's rows: reads flat ``q`` ``[T, H, D]``, writes their tokens
-    of ``out`` ``[T, H, Dv]``.
+    """Extend attention of a batch: one gather and one rotation for all rows, then SDPA per row.
 
-    Visibility is by position (``key_pos <= query_pos``), not by row index: a laid-out row holds
-    its keys in any order.
+    Reads flat ``q`` ``[T, H, D]`` and writes ``out`` ``[T, H, Dv]``. Visibility is by position
+    (``key_pos <= query_pos``), not by row index. Why SDPA per row here and batched in decode:
+    rows of an extend differ a lot in length (a master agent's whole prompt beside reuse rows'
+    few fresh tokens), padding them to one shape costs up to twice the attention FLOPs, and
+    CPU SDPA has no variable-length form; the per-row calls are few and each is large.
     """
-    k, v = gather_batch(k_buffer, v_buffer, plan, rope)
-    mask = plan.key_pos.unsqueeze(1) <= queries.pos.unsqueeze(2)  # [B, E, C]
-    res = _sdpa(q[queries.index], k, v, mask.unsqueeze(1), scale)  # [B, E, H, Dv]
-    out[queries.index[queries.real]] = res[queries.real].to(out.dtype)
-
-
-def row_groups(ext_lens: list[int], waste: float = 1.5, slack: int = 64) -> list[list[int]]:
-    """Rows grouped so that padding each group to its longest extend wastes little.
-
-    Rows are taken longest first; a group closes when ``size * longest`` would pass
-    ``waste * (sum of its lengths) + slack``. Typically one group (rows of a round have similar
-    lengths); a long master prompt batched with short reuse rows gets its own.
-    """
-    order = sorted(range(len(ext_lens)), key=lambda i: -ext_lens[i])
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    total = 0
-    for i in order:
-        longest = ext_lens[cur[0]] if cur else ext_lens[i]
-        if cur and (len(cur) + 1) * longest > waste * (total + ext_lens[i]) + slack:
-            groups.append(cur)
-            cur, total = [], 0
-        cur.append(i)
-        total += ext_lens[i]
-    if cur:
-        groups.append(cur)
-    return groups
+    k = k_buffer[keys.slots]
+    if keys.moved.numel():
+        k[keys.moved] = apply_rotation(k[keys.moved], keys.cos, keys.sin, rope)
+    v = v_buffer[keys.slots]
+    if not (q.dtype == k.dtype == v.dtype):
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    gqa = q.shape[1] != k.shape[1]
+    t = s = 0
+    for e, n in zip(ext_lens, keys.seq_lens, strict=True):
+        qpos = positions[t : t + e].to(torch.int64)
+        mask = keys.key_pos[s : s + n].view(1, -1) <= qpos.view(-1, 1)
+        res = scaled_dot_product_attention(
+            q[t : t + e].movedim(0, 1).unsqueeze(0),
+            k[s : s + n].movedim(0, 1).unsqueeze(0),
+            v[s : s + n].movedim(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        out[t : t + e] = res.squeeze(0).movedim(1, 0).to(out.dtype)
+        t, s = t + e, s + n

@@ -116,6 +116,41 @@ def apply_rotation(
     return out.to(k.dtype)
 
 
+def pair_layout(params: RopeParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per head dim ``d``: (its frequency index, its pair partner, the sign of the partner's
+    term), as :func:`apply_rotation` pairs them; dims past ``rotary_dim`` pair with themselves.
+
+    With them, rotating every key is two elementwise ops: ``k * C + k[..., partner] * S`` where
+    ``C[:, d] = cos[:, f(d)]`` and ``S[:, d] = sign(d) sin[:, f(d)]`` (``full_width``).
+    """
+    d, rd = params.head_dim, params.rotary_dim
+    dims = torch.arange(d)
+    half = rd // 2
+    if params.is_neox:
+        lo = dims < half
+        fidx = torch.where(lo, dims, dims - half)
+        partner = torch.where(lo, dims + half, dims - half)
+        sign = torch.where(lo, -1.0, 1.0)
+    else:
+        fidx = dims // 2
+        partner = dims ^ 1
+        sign = torch.where(dims % 2 == 0, -1.0, 1.0)
+    rot = dims < rd
+    return torch.where(rot, fidx, 0), torch.where(rot, partner, dims), torch.where(rot, sign, 0.0)
+
+
+def full_width(
+    cos: torch.Tensor, sin: torch.Tensor, params: RopeParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(C, S, partner)`` for rotating keys ``[n, ..., head_dim]`` as ``k*C + k[..., partner]*S``
+    (cos/sin ``[n, rotary_dim // 2]``; C, S ``[n, head_dim]``, 1 and 0 past ``rotary_dim``)."""
+    fidx, partner, sign = (t.to(cos.device) for t in pair_layout(params))
+    rot = torch.arange(params.head_dim, device=cos.device) < params.rotary_dim
+    c = torch.where(rot, cos[:, fidx], 1.0)
+    s = sin[:, fidx] * sign
+    return c, s, partner
+
+
 # --------------------------------------------------------------------------------------------
 # Reading the parameters off SGLang's rotary embedding module
 # --------------------------------------------------------------------------------------------

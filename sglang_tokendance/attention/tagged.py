@@ -7,8 +7,9 @@ written slot was rotated at and decides the batch's path (:mod:`.dispatch`). Per
 (:meth:`TaggedAttention.forward`), for tagged batches only: write K/V, then
 
 - triton: one extend or decode kernel launch for the whole batch (:mod:`.triton_ops`);
-- torch: one gather, one rotation and one SDPA for the batch (:mod:`.batch_plan`); the decode
-  plan is kept across steps and extended by the new token.
+- torch (:mod:`.batch_plan`): decode: one gather, one rotation and one SDPA for the batch, its
+  plan kept across steps and extended by the new token; extend: one gather and one rotation
+  for the batch, SDPA per row (rows differ in length; padding would double the FLOPs).
 
 Everything else (stock batches) never reaches this class: the user's backend runs.
 """
@@ -77,7 +78,7 @@ class TaggedAttention:
         self.probing = False  # deviation probes to fill in this forward
         self.forwards = {"tagged": 0, "stock": 0}  # forwards per path (the stats route)
         self._rows: list[int] = []
-        self._extend: list[tuple[bp.BatchKeys, bp.ExtendQueries]] | None = None
+        self._extend: tuple[bp.FlatKeys, list[int]] | None = None
         self._decode: bp.BatchKeys | None = None  # kept across decode steps
         self._decode_key: tuple[tuple[int, ...], int] | None = None
         self._decode_fb: Any = None
@@ -131,21 +132,12 @@ class TaggedAttention:
             and fb.encoder_lens is None
         )
 
-    def _extend_plans(self, fb: ForwardBatch) -> list[tuple[bp.BatchKeys, bp.ExtendQueries]]:
+    def _extend_keys(self, fb: ForwardBatch) -> tuple[bp.FlatKeys, list[int]]:
+        """The extend's flat key plan (once per forward, read by every layer)."""
         if self._extend is None:
             ext = host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens)
             seq = host_list(fb.seq_lens_cpu, fb.seq_lens)
-            starts = [0] * len(ext)
-            for i in range(1, len(ext)):
-                starts[i] = starts[i - 1] + ext[i - 1]
-            rows = fb.req_pool_indices
-            plans = []
-            for g in bp.row_groups(ext):
-                idx = torch.tensor(g, dtype=torch.int64, device=rows.device)
-                plan = bp.plan_batch(rows[idx], [seq[i] for i in g], self.tables, self.rope)
-                qs = bp.extend_queries([ext[i] for i in g], [starts[i] for i in g], fb.positions)
-                plans.append((plan, qs))
-            self._extend = plans
+            self._extend = (bp.plan_flat(fb.req_pool_indices, seq, self.tables, self.rope), ext)
         return self._extend
 
     def _decode_plan(self, fb: ForwardBatch) -> bp.BatchKeys:
@@ -188,8 +180,8 @@ class TaggedAttention:
             o = bp.decode_batch(q_, kbuf, vbuf, self._decode_plan(fb), self.rope, layer.scaling)
         else:
             o = q_.new_empty((q_.shape[0], heads, dv))
-            for plan, qs in self._extend_plans(fb):
-                bp.extend_batch(q_, o, kbuf, vbuf, plan, qs, self.rope, layer.scaling)
+            keys, ext = self._extend_keys(fb)
+            bp.extend_rows(q_, o, kbuf, vbuf, keys, ext, fb.positions, self.rope, layer.scaling)
         return o.reshape(-1, heads * dv)
 
     def _triton(self, q_, kbuf, vbuf, layer, fb, decode: bool) -> torch.Tensor:  # noqa: ANN001

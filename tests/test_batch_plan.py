@@ -1,0 +1,95 @@
+"""The batched torch path (attention/batch_plan.py) against the float32 reference, on tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_tokendance.attention import batch_plan as bp
+from sglang_tokendance.attention.reference import (
+    decode_attention_ref,
+    extend_attention_ref,
+)
+from sglang_tokendance.attention.rope import RopeParams
+
+H, HKV, D, SLOTS, ROWS, CTX = 4, 2, 16, 400, 6, 64
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+class World:
+    """KV buffers and position tables: row 1 is an ordinary row; rows 2-4 are laid out over a
+    master written at shifted positions (rows 2-3: most keys moved; row 4: a few)."""
+
+    def __init__(self, rope: RopeParams) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.rope = rope
+        self.k = torch.randn(SLOTS, HKV, D, generator=g)
+        self.v = torch.randn(SLOTS, HKV, D, generator=g)
+        self.r2t = torch.zeros(ROWS, CTX, dtype=torch.int32)
+        self.r2p = torch.zeros(ROWS, CTX, dtype=torch.int32)
+        self.ll = torch.zeros(ROWS, dtype=torch.int32)
+        self.spos = torch.randint(0, 300, (SLOTS,), generator=g, dtype=torch.int32)
+        self.r2t[1, :40] = torch.arange(1, 41, dtype=torch.int32)
+        self.spos[1:41] = torch.arange(40, dtype=torch.int32)  # ordinary: written in place
+        for row, n, shifted in ((2, 30, 24), (3, 37, 30), (4, 33, 3)):
+            slots = torch.randperm(300, generator=g)[:n] + 50
+            self.r2t[row, :n] = slots.int()
+            perm = torch.randperm(n, generator=g)
+            self.r2p[row, :n] = perm.int()
+            self.ll[row] = n
+            self.spos[slots] = perm.int()  # fresh keys: written at their true positions
+            self.spos[slots[:shifted]] += 1000  # master keys: written elsewhere
+        self.tables = bp.Tables(self.r2t, self.r2p, self.ll, self.spos)
+
+
+@pytest.mark.parametrize("neox,rotary_dim", [(True, D), (False, D), (True, D // 2)])
+def test_decode_batch_matches_reference_in_dense_and_sparse_form(neox: bool, rotary_dim: int):
+    rope = RopeParams.default(10000.0, D, rotary_dim, neox)
+    w = World(rope)
+    rows, seq = torch.tensor([1, 2, 3, 4]), [40, 30, 37, 33]
+    q = torch.randn(4, H, D, generator=torch.Generator().manual_seed(5))
+    want = decode_attention_ref(
+        q, w.k, w.v, w.r2t, w.r2p, w.ll, w.spos, rows, torch.tensor(seq), rope, 0.3
+    )
+    dense = bp.plan_batch(rows, seq, w.tables, rope, headroom=8)
+    sparse = bp.plan_batch(rows[[0, 3]], [40, 33], w.tables, rope)
+    assert dense.dense is not None and sparse.dense is None  # 57% vs 4% of keys moved
+    torch.testing.assert_close(bp.decode_batch(q, w.k, w.v, dense, rope, 0.3), want, **TOL)
+    got = bp.decode_batch(q[[0, 3]], w.k, w.v, sparse, rope, 0.3)
+    torch.testing.assert_close(got, want[[0, 3]], **TOL)
+
+
+def test_appended_plan_equals_a_rebuilt_one_and_stops_at_its_width() -> None:
+    rope = RopeParams.default(10000.0, D)
+    w = World(rope)
+    rows, seq = torch.tensor([2, 3]), [30, 37]
+    plan = bp.plan_batch(rows, seq, w.tables, rope, headroom=2)
+    for step in range(2):
+        new = torch.tensor([350 + step, 360 + step])
+        w.r2t[2, 30 + step], w.r2t[3, 37 + step] = new[0], new[1]
+        w.spos[new] = torch.tensor([30 + step, 37 + step], dtype=torch.int32)
+        plan = bp.append_decode(plan, new)
+        rebuilt = bp.plan_batch(rows, plan.seq_lens, w.tables, rope)
+        width = rebuilt.width
+        assert torch.equal(plan.slots[:, :width], rebuilt.slots)
+        assert torch.equal(plan.key_pos[:, :width], rebuilt.key_pos)
+        assert torch.equal(plan.valid[:, :width], rebuilt.valid)
+    assert plan.seq_lens == [32, 39]
+    assert bp.append_decode(plan, torch.tensor([370, 371])) is None  # 39 + 1 > width 39
+
+
+def test_extend_rows_match_reference_for_rows_of_different_lengths() -> None:
+    rope = RopeParams.default(10000.0, D)
+    w = World(rope)
+    rows = torch.tensor([1, 2, 4])
+    seq, ext = [40, 30, 33], [40, 5, 11]  # a whole prompt beside two short extends
+    qpos = torch.cat([torch.arange(40), w.r2p[2, 25:30].long(), w.r2p[4, 22:33].long()])
+    q = torch.randn(sum(ext), H, D, generator=torch.Generator().manual_seed(9))
+    want = extend_attention_ref(
+        q, w.k, w.v, w.r2t, w.r2p, w.ll, w.spos, rows, torch.tensor(seq), torch.tensor(ext),
+        qpos, rope, 0.3,
+    )  # fmt: skip
+    keys = bp.plan_flat(rows, seq, w.tables, rope)
+    out = torch.empty_like(q)
+    bp.extend_rows(q, out, w.k, w.v, keys, ext, qpos, rope, 0.3)
+    torch.testing.assert_close(out, want, **TOL)
