@@ -169,10 +169,12 @@ def test_permuted_row_matches_ordinary_row() -> None:
         },
     ],
 )
-def test_shifted_master_slots_match_fresh_prefill(scaling: dict | None) -> None:
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_shifted_master_slots_match_fresh_prefill(scaling: dict | None, path: str) -> None:
     """Slots written by another row at other positions (a master) and reused at the true
-    positions through the delta give the attention output of a fresh prefill."""
-    w = World(LlamaForCausalLM(scaling))
+    positions through the delta give the attention output of a fresh prefill, on the torch
+    path and on the Triton path (interpreter)."""
+    w = World(LlamaForCausalLM(scaling), path=path)
     sa, out_a = _ordinary_prefill(w)
     # Row 3 (the master's author): 20 junk tokens (ids 40..59), then tokens 2..6 at 20..24.
     author_ids = list(range(40, 60)) + [2, 3, 4, 5, 6]
@@ -271,3 +273,20 @@ def test_triton_path_matches_torch_path_on_real_pools() -> None:
 def test_unsupported_model_is_refused_at_startup() -> None:
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         World(LlamaForCausalLM({"rope_type": "default", "mrope_section": [2, 3, 3]}))
+
+
+def test_dispatch_on_a_cuda_device_picks_triton_for_laid_out_and_the_backend_for_stock() -> None:
+    """The device is faked where the decision is made: auto is triton on CUDA, torch on CPU;
+    a batch is tagged only when it holds a laid-out row (or uniform is asked for)."""
+    from sglang_tokendance.attention.dispatch import batch_is_tagged, resolve_path
+
+    assert resolve_path("auto", "cuda:0", env={}) == "triton"
+    assert resolve_path("auto", "cpu", env={}) == "torch"
+    assert resolve_path("torch", "cuda", env={}) == "torch"
+    assert resolve_path("triton", "cpu", env={"TRITON_INTERPRET": "1"}) == "triton"
+    with pytest.raises(ValueError, match="needs a CUDA device or TRITON_INTERPRET=1"):
+        resolve_path("triton", "cpu", env={})
+    assert not batch_is_tagged([1, 2], set(), uniform=False)
+    assert not batch_is_tagged([1, 2], {3}, uniform=False)
+    assert batch_is_tagged([1, 2], {2}, uniform=False)
+    assert batch_is_tagged([1], set(), uniform=True)
