@@ -6,9 +6,10 @@ exits 0, unless ``--interpret`` is given with ``TRITON_INTERPRET=1`` (a tiny dry
 script on CPU, for checking the script itself).
 
 Workload (defaults: batch 16, seq 2048, 32 heads / 8 KV heads, head_dim 128): half the rows
-are laid out like TokenDance rows, the other half are ordinary::
+are laid out like TokenDance rows (``--all-laid-out``: all), the other half are ordinary::
 
-    laid-out row:  [private prefix 1/8 | master slots 5/8, shuffled, delta != 0 | fresh 1/4]
+    laid-out row:  [private prefix 1/8 | master slots (--reused, 5/8), shuffled, delta != 0 |
+                    fresh: the rest]
     extend:        the last ``--extend`` entries of every row (positions from req_to_pos)
     decode:        one query per row at position seq_len - 1
 
@@ -77,8 +78,9 @@ def make_batch(args: argparse.Namespace, dtype: torch.dtype, device: str, seed: 
         row = i + 1
         r2t[row] = slots[i]
         kpos = torch.arange(s)
-        if i % 2 == 0:  # laid-out row: shuffled master block and fresh tail
-            p, m = s // 8, s - s // 8 - s // 4
+        if i % 2 == 0 or args.all_laid_out:  # laid-out row: shuffled master block, fresh tail
+            m = int(round(args.reused * s))
+            p = max(0, min(s // 8, s - m - e))  # private prefix, if room is left for it
             kpos = torch.cat(
                 [
                     kpos[:p],
@@ -229,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--extend", type=int, default=512)
+    ap.add_argument(
+        "--reused",
+        type=float,
+        default=0.625,
+        help="share of a laid-out row's keys that are master slots at shifted positions",
+    )
+    ap.add_argument(
+        "--all-laid-out", action="store_true", help="every row laid out (default: every other)"
+    )
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
