@@ -43,7 +43,11 @@ class World:
 
 
 @pytest.mark.parametrize("neox,rotary_dim", [(True, D), (False, D), (True, D // 2)])
-def test_decode_batch_matches_reference_in_dense_and_sparse_form(neox: bool, rotary_dim: int):
+@pytest.mark.parametrize("block_bytes", [1, 1 << 30])  # a block per row / one block
+def test_decode_batch_matches_reference(
+    neox: bool, rotary_dim: int, block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bp, "BLOCK_BYTES", block_bytes)
     rope = RopeParams.default(10000.0, D, rotary_dim, neox)
     w = World(rope)
     rows, seq = torch.tensor([1, 2, 3, 4]), [40, 30, 37, 33]
@@ -51,12 +55,14 @@ def test_decode_batch_matches_reference_in_dense_and_sparse_form(neox: bool, rot
     want = decode_attention_ref(
         q, w.k, w.v, w.r2t, w.r2p, w.ll, w.spos, rows, torch.tensor(seq), rope, 0.3
     )
-    dense = bp.plan_batch(rows, seq, w.tables, rope, headroom=8)
-    sparse = bp.plan_batch(rows[[0, 3]], [40, 33], w.tables, rope)
-    assert dense.dense is not None and sparse.dense is None  # 57% vs 4% of keys moved
-    torch.testing.assert_close(bp.decode_batch(q, w.k, w.v, dense, rope, 0.3), want, **TOL)
-    got = bp.decode_batch(q[[0, 3]], w.k, w.v, sparse, rope, 0.3)
-    torch.testing.assert_close(got, want[[0, 3]], **TOL)
+    plan = bp.plan_batch(rows, seq, w.tables, rope, headroom=8)
+    assert plan.moves == [False, True, True, True] and plan.rot is not None
+    ws = bp.Workspace()
+    for _ in range(2):  # the second call reuses the workspace
+        torch.testing.assert_close(bp.decode_batch(q, w.k, w.v, plan, rope, 0.3, ws), want, **TOL)
+    still = bp.plan_batch(rows[:1], [40], w.tables, rope)
+    assert still.rot is None and still.moves == [False]
+    torch.testing.assert_close(bp.decode_batch(q[:1], w.k, w.v, still, rope, 0.3), want[:1], **TOL)
 
 
 def test_appended_plan_equals_a_rebuilt_one_and_stops_at_its_width() -> None:
@@ -89,7 +95,7 @@ def test_extend_rows_match_reference_for_rows_of_different_lengths() -> None:
         q, w.k, w.v, w.r2t, w.r2p, w.ll, w.spos, rows, torch.tensor(seq), torch.tensor(ext),
         qpos, rope, 0.3,
     )  # fmt: skip
-    keys = bp.plan_flat(rows, seq, w.tables, rope)
+    keys = bp.plan_batch(rows, seq, w.tables, rope)
     out = torch.empty_like(q)
     bp.extend_rows(q, out, w.k, w.v, keys, ext, qpos, rope, 0.3)
     torch.testing.assert_close(out, want, **TOL)

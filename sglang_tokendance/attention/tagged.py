@@ -7,9 +7,9 @@ written slot was rotated at and decides the batch's path (:mod:`.dispatch`). Per
 (:meth:`TaggedAttention.forward`), for tagged batches only: write K/V, then
 
 - triton: one extend or decode kernel launch for the whole batch (:mod:`.triton_ops`);
-- torch (:mod:`.batch_plan`): decode: one gather, one rotation and one SDPA for the batch, its
-  plan kept across steps and extended by the new token; extend: one gather and one rotation
-  for the batch, SDPA per row (rows differ in length; padding would double the FLOPs).
+- torch (:mod:`.batch_plan`): one vectorized key plan per forward (decode: kept across steps and
+  extended by the new token); gather + rotation + SDPA by blocks of rows sized to the cache, in
+  a reused workspace (decode: one SDPA per block; extend: per row).
 
 Everything else (stock batches) never reaches this class: the user's backend runs.
 """
@@ -78,7 +78,8 @@ class TaggedAttention:
         self.probing = False  # deviation probes to fill in this forward
         self.forwards = {"tagged": 0, "stock": 0}  # forwards per path (the stats route)
         self._rows: list[int] = []
-        self._extend: tuple[bp.FlatKeys, list[int]] | None = None
+        self._extend: tuple[bp.BatchKeys, list[int]] | None = None
+        self._ws = bp.Workspace()  # gathered K/V of one block, reused by every layer
         self._decode: bp.BatchKeys | None = None  # kept across decode steps
         self._decode_key: tuple[tuple[int, ...], int] | None = None
         self._decode_fb: Any = None
@@ -132,12 +133,12 @@ class TaggedAttention:
             and fb.encoder_lens is None
         )
 
-    def _extend_keys(self, fb: ForwardBatch) -> tuple[bp.FlatKeys, list[int]]:
-        """The extend's flat key plan (once per forward, read by every layer)."""
+    def _extend_keys(self, fb: ForwardBatch) -> tuple[bp.BatchKeys, list[int]]:
+        """The extend's key plan (once per forward, read by every layer)."""
         if self._extend is None:
             ext = host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens)
             seq = host_list(fb.seq_lens_cpu, fb.seq_lens)
-            self._extend = (bp.plan_flat(fb.req_pool_indices, seq, self.tables, self.rope), ext)
+            self._extend = (bp.plan_batch(fb.req_pool_indices, seq, self.tables, self.rope), ext)
         return self._extend
 
     def _decode_plan(self, fb: ForwardBatch) -> bp.BatchKeys:
@@ -177,11 +178,14 @@ class TaggedAttention:
         if self.kind == "triton":
             o = self._triton(q_, kbuf, vbuf, layer, fb, decode)
         elif decode:
-            o = bp.decode_batch(q_, kbuf, vbuf, self._decode_plan(fb), self.rope, layer.scaling)
+            plan = self._decode_plan(fb)
+            o = bp.decode_batch(q_, kbuf, vbuf, plan, self.rope, layer.scaling, self._ws)
         else:
             o = q_.new_empty((q_.shape[0], heads, dv))
             keys, ext = self._extend_keys(fb)
-            bp.extend_rows(q_, o, kbuf, vbuf, keys, ext, fb.positions, self.rope, layer.scaling)
+            bp.extend_rows(
+                q_, o, kbuf, vbuf, keys, ext, fb.positions, self.rope, layer.scaling, self._ws
+            )
         return o.reshape(-1, heads * dv)
 
     def _triton(self, q_, kbuf, vbuf, layer, fb, decode: bool) -> torch.Tensor:  # noqa: ANN001
