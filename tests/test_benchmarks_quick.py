@@ -91,3 +91,28 @@ def test_storage_main_writes_its_json_markdown_and_plot(
     assert run["round_id"].endswith("r2")
     assert (tmp_path / "storage.md").read_text().startswith("Definition:")
     assert (tmp_path / "storage.png").stat().st_size > 0
+
+
+def test_round_latency_metrics_and_paired_ratios() -> None:
+    """round_latency's per-run numbers and its off/tokendance ratios, on records (no server)."""
+    from benchmarks import round_latency as rl
+    from sglang_tokendance.replay.runner import ReplayResult, RequestRecord, RoundRecord
+
+    def result(lat: list[float], ttft: float) -> ReplayResult:
+        rounds = [
+            RoundRecord(i + 1, x, [RequestRecord(i + 1, "a", completion_tokens=11, ttft_ms=ttft,
+                                                 latency_ms=ttft + 100.0)])
+            for i, x in enumerate(lat)
+        ]  # fmt: skip
+        return ReplayResult(rounds, 1.0, None, None, [])
+
+    off = rl.run_metrics(result([100.0, 300.0, 200.0], 50.0))
+    td = rl.run_metrics(result([50.0, 150.0, 100.0], 25.0))
+    assert off["round_ms_p50"] == 200.0 and off["round_ms_p90"] == 300.0
+    assert off["decode_tok_s"] == 100.0  # 10 tokens after the first in 100 ms
+    runs = [
+        dict(r, case="c", repeat=0) for r in (dict(off, mode="off"), dict(td, mode="tokendance"))
+    ]
+    s = rl.summarize(runs, ["off", "tokendance"])
+    assert s["c"]["ratios"]["round_ms_p50:off/tokendance"]["median"] == 2.0
+    assert s["c"]["ratios"]["ttft_ms_p50:off/tokendance"]["median"] == 2.0
