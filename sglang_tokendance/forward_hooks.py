@@ -6,6 +6,8 @@
   probe board, which the attention backend fills at the check layer.
 - ``ForwardBatch.init_new`` (after): extend tokens of laid-out rows take their positions from
   ``req_to_pos`` instead of ``prefix_len + arange``. Batches without laid-out rows are untouched.
+  The first one also binds the mirror judge (``--tokendance-mirror threshold``) to the model
+  runner's KV pool and RoPE.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from sglang_tokendance.attention.deviation import get_probe_board
+from sglang_tokendance.attention.mirror_deviation import bind_judge
 from sglang_tokendance.state import pool_state, state_of
 
 
@@ -63,4 +66,5 @@ def after_prepare(result: Any, batch: Any, *args: Any, **kw: Any) -> None:
 def after_init_new(result: Any, cls: Any, batch: Any, model_runner: Any, *a: Any, **k: Any) -> Any:
     """``ForwardBatch.init_new`` (after): extend positions of laid-out rows."""
     fix_extend_positions(result, model_runner.req_to_token_pool)
+    bind_judge(model_runner)
     return result
