@@ -292,12 +292,33 @@ class ServerKey(NamedTuple):
         opts = [flag_value(self.extra, f) for f in ("--tokendance-selection", POLICY_FLAG)]
         tag = ",".join(o for o in opts if o)
         mirror = flag_value(self.extra, MIRROR_FLAG)
+        if mirror == "threshold":
+            mirror += f" {flag_value(self.extra, MIRROR_EPS_FLAG) or 'default'}"
         suffix = f" ({mirror} mirrors)" if mirror not in (None, "keep") else ""
         return f"{self.mode}{f'[{tag}]' if tag else ''}@{self.ratio:g}{suffix}"
 
 
 POLICY_FLAG = "--tokendance-master-policy"
 MIRROR_FLAG = "--tokendance-mirror"
+MIRROR_EPS_FLAG = "--tokendance-mirror-eps"
+
+
+def mirror_flags(policy: str) -> list[str]:
+    """Server flags of a mirror policy spec: ``keep``, ``drop`` or ``threshold:EPS``
+    (``threshold`` alone: the server's default eps)."""
+    name, _, eps = policy.partition(":")
+    if name not in ("keep", "drop", "threshold") or (eps and name != "threshold"):
+        raise ValueError(f"mirror policy must be keep, drop or threshold[:EPS], got {policy!r}")
+    if name == "keep":
+        return []
+    return [MIRROR_FLAG, name, *([MIRROR_EPS_FLAG, str(float(eps))] if eps else [])]
+
+
+def mirror_of_label(label: str) -> str:
+    """The mirror policy a server label names (``... (threshold 0.05 mirrors)`` ->
+    ``threshold 0.05``; no suffix: keep)."""
+    head, sep, _ = label.rpartition(" mirrors)")
+    return head.rsplit("(", 1)[1] if sep and "(" in head else "keep"
 
 
 def flag_value(argv: Sequence[str], flag: str) -> str | None:

@@ -64,7 +64,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = ROOT / "workloads" / "ga_the_ville_n8.jsonl"
 SELECTIONS = ["leading", "deviation", "both"]
 POLICIES = ["fresh", "author"]
-MIRRORS = ["keep", "drop"]
+
+
+def _mirror_spec(text: str) -> str:
+    try:
+        common.mirror_flags(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--mirrors",
         nargs="+",
         default=["keep"],
-        choices=MIRRORS,
+        type=_mirror_spec,
         help="--tokendance-mirror policies of the tokendance rows (keep: the recomputed slots "
-        "stay the agent's; drop: freed after prefill, decode reads the master)",
+        "stay the agent's; drop: freed after prefill, decode reads the master; threshold:EPS: "
+        "freed where K/V stayed within EPS of the master's, e.g. threshold:0.05)",
     )
     ap.add_argument(
         "--policies",
@@ -146,6 +154,23 @@ def _passes(url: str, trace: Any, rounds: list[int], k: int, g: int) -> dict[tup
         url, trace, common.run_prefix("fb"), rounds, max_new_tokens=g, stream=False
     )
     return fidelity_closed.collect(a, b)
+
+
+def mirror_storage(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+    """What the server's mirror policy kept over both passes: recomputed slots kept / freed,
+    the deviations measured (threshold), the last round's shared-segment compression."""
+    if not after.get("enabled") or after.get("mode") == "off":
+        return None
+    kept = after.get("mirror_slots_kept", 0) - before.get("mirror_slots_kept", 0)
+    freed = after.get("mirror_slots_freed", 0) - before.get("mirror_slots_freed", 0)
+    last = after.get("store_last_round") or {}
+    return {
+        "mirror_slots_kept": kept,
+        "mirror_slots_freed": freed,
+        "kept_share": round(kept / (kept + freed), 4) if kept + freed else None,
+        "last_round_compression": last.get("compression_ratio"),
+        "mirror_deviation": after.get("mirror_deviation"),
+    }
 
 
 def kl(p: dict[int, float], q: dict[int, float]) -> tuple[float | None, bool]:
@@ -238,6 +263,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
     sel_flag, pol_flag = "--tokendance-selection", common.POLICY_FLAG
     closed_info: dict[str, Any] = {}
     closed_rows: dict[str, tuple[dict, dict]] = {}
+    storage: dict[str, dict[str, Any]] = {}
     with common.pool_or_new(pool, args.out / "logs") as pool:
         ref_key = pool.key(model, "off", 0.0, extra)
         keys = []
@@ -248,7 +274,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
                 for sel in sels:
                     for mirror in mirrors:
                         flags = [] if sel is None else [sel_flag, sel]
-                        flags += [] if mirror == "keep" else [common.MIRROR_FLAG, mirror]
+                        flags += common.mirror_flags(mirror)
                         keys.append(pool.key(model, m, r, [*flags, *extra]))
         closed = [
             pool.key(
@@ -260,7 +286,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
                     args.selections[-1],
                     pol_flag,
                     p,
-                    *([] if mirror == "keep" else [common.MIRROR_FLAG, mirror]),
+                    *common.mirror_flags(mirror),
                     *extra,
                 ],
             )
@@ -275,7 +301,9 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             srv = pool.get(key)
             servers.append(srv.describe())
             common.warm_up(srv.url)
+            before = common.get_stats(srv.url)
             results[key.label()] = _passes(srv.url, trace, rounds, k, g)
+            storage[key.label()] = mirror_storage(before, common.get_stats(srv.url))
             bar.update(1)
             if key == ref_key:  # the reference's own noise floor
                 results["off (repeat)"] = _passes(srv.url, trace, rounds, k, g)
@@ -307,9 +335,10 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
                 "ratio": float(r.split()[0]) if r else None,
                 "selection": opt[0] if opt else None,
                 "policy": opt[1] if len(opt) > 1 else None,
-                "mirror": "drop" if "(drop mirrors)" in label else "keep",
+                "mirror": common.mirror_of_label(label),
                 "closed_loop": label.endswith("closed loop"),
                 "closed_loop_info": closed_info.get(label),
+                "storage": storage.get(label),
                 "all": cmp["all"],
                 "reused": cmp["reused"],
                 "requests": cmp["rows"],
@@ -394,8 +423,8 @@ def table_rows(result: dict[str, Any]) -> list[str]:
     """Markdown table of the fidelity rows (all requests; reused ones in parentheses)."""
     lines = [
         "| server | ratio | top-1 agree | KL first token (mean / max, nats) | exact match | "
-        "first divergence (median) | n (reused) |",
-        "|---|---|---|---|---|---|---|",
+        "first divergence (median) | n (reused) | slots kept | compression |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v: Any, d: int = 3) -> str:
@@ -416,7 +445,9 @@ def table_rows(result: dict[str, Any]) -> list[str]:
             f"{f(a.get('top1_agreement'))} ({f(u.get('top1_agreement'))}) | "
             f"{e(a.get('kl_first_token_mean'))} / {e(a.get('kl_first_token_max'))} | "
             f"{f(a.get('exact_match'))} ({f(u.get('exact_match'))}) | "
-            f"{g(a.get('first_divergence_median'))} | {a.get('n')} ({u.get('n')}) |"
+            f"{g(a.get('first_divergence_median'))} | {a.get('n')} ({u.get('n')}) | "
+            f"{f((x.get('storage') or {}).get('kept_share'))} | "
+            f"{f((x.get('storage') or {}).get('last_round_compression'), 2)} |"
         )
     return lines
 

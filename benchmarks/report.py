@@ -162,16 +162,16 @@ def headlines(results: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     cap = results.get("capacity") or {}
-    if cap.get("capacity"):
-        c = cap["capacity"]
+    for workload, w in (cap.get("workloads") or {}).items():
+        c = w["capacity"]
         rows.append(
             {
-                "metric": "capacity under SLO (x more agents; "
-                f"{cap['config']['pool_tokens']}-token pool; td {c.get('tokendance')}, "
-                f"off {c.get('off')}, pic {c.get('pic')})",
-                "vs_off": cap["ratios"].get("tokendance/off"),
-                "vs_pic": cap["ratios"].get("tokendance/pic"),
-                "spread": "one search per mode (no repeats); +-1 agent near the limit",
+                "metric": f"capacity under SLO, {workload} (x more agents; "
+                f"{cap['config']['pool_tokens']}-token pool, SLO {w['slo_ms']:.0f} ms; "
+                f"td {c.get('tokendance')}, off {c.get('off')}, pic {c.get('pic')})",
+                "vs_off": w["ratios"].get("tokendance/off"),
+                "vs_pic": w["ratios"].get("tokendance/pic"),
+                "spread": "one search per mode (no repeats); +-1 search step near the SLO",
                 "source": "capacity.json",
             }
         )

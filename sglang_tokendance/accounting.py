@@ -8,7 +8,7 @@ Plain numbers only: no tensors, no SGLang imports.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sglang_tokendance.state import state_of
@@ -17,6 +17,8 @@ MAX_ROUNDS = 256  # per-round records kept (oldest dropped first)
 # A round whose tightest batch left less than this share of the pool free (or evictable) ran
 # against a full pool: its KV figure is what fitted, a lower bound of what it needed.
 SATURATED_SHARE = 0.02
+# Bin edges of the mirror deviations the threshold policy measured: 4 per decade, 1e-4 .. 1e2.
+MIRROR_DEV_EDGES: tuple[float, ...] = tuple(10.0 ** (e / 4) for e in range(-16, 9))
 
 
 @dataclass(slots=True)
@@ -38,6 +40,11 @@ class Counters:
     nonleading_selections: int = 0  # ... that differ from the leading tokens
     collector_s: float = 0.0
     barrier_wait_s: float = 0.0
+    # --tokendance-mirror threshold / drop: recomputed slots kept as diffs vs freed after prefill
+    mirror_slots_kept: int = 0
+    mirror_slots_freed: int = 0
+    # threshold: counts of measured deviations per bin of MIRROR_DEV_EDGES (below, between, above)
+    mirror_dev_counts: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -52,6 +59,29 @@ class RoundCounters:
     peak_used_tokens: int = 0
     min_free_tokens: int | None = None  # free + evictable slots at the tightest batch
     queued_for_memory: bool = False  # requests waited in SGLang's queue while the round ran
+
+
+def deviation_histogram(counts: list[int]) -> dict[str, Any] | None:
+    """The threshold policy's deviations as ``{edges, counts, n, median_upper}`` (None when none
+    was measured). ``counts[i]`` holds values in ``[edges[i-1], edges[i])`` (``counts[0]``:
+    below the first edge; the last: at or above the last); ``median_upper``: the upper edge of
+    the bin holding the median (None if that is the open top bin)."""
+    n = sum(counts)
+    if not n:
+        return None
+    acc, median_bin = 0, len(counts) - 1
+    for i, c in enumerate(counts):
+        acc += c
+        if 2 * acc >= n:
+            median_bin = i
+            break
+    top = median_bin >= len(MIRROR_DEV_EDGES)
+    return {
+        "edges": list(MIRROR_DEV_EDGES),
+        "counts": list(counts),
+        "n": n,
+        "median_upper": None if top else MIRROR_DEV_EDGES[median_bin],
+    }
 
 
 class Accounting:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from sglang_tokendance.accounting import Counters
+from sglang_tokendance.attention.mirror_deviation import bin_counts
 from sglang_tokendance.cache.api import CollectorCache
 from sglang_tokendance.cache.row_plan import RowLayout, SharedUse
 from sglang_tokendance.cache.rows import index_runs
@@ -41,6 +42,14 @@ from sglang_tokendance.selection import select_recompute
 from sglang_tokendance.state import RequestState, layout_of, state_of
 
 logger = logging.getLogger(__name__)
+
+
+class MirrorJudgeLike(Protocol):
+    """What the collector asks of the mirror judge (tensors stay on the model-runner side)."""
+
+    def deviation(self, mirror_slots: torch.Tensor, master_slots: torch.Tensor) -> torch.Tensor:
+        """Relative K/V deviation of each recomputed slot from its master slot."""
+        ...
 
 
 @dataclass(slots=True)
@@ -64,10 +73,18 @@ class Collector:
         cache: the tree cache (:class:`~.cache.api.CollectorCache`).
         probes: the probe board the attention backend fills (``pop(row)`` after a prefill).
         counters: where decisions are counted (the scheduler's accounting).
+        judge: measures recomputed K/V against the master's (``--tokendance-mirror
+            threshold``; :class:`~.attention.mirror_deviation.MirrorJudge`). Without one,
+            threshold keeps every slot.
     """
 
     def __init__(
-        self, cfg: TokenDanceConfig, cache: CollectorCache, probes: Any, counters: Counters
+        self,
+        cfg: TokenDanceConfig,
+        cache: CollectorCache,
+        probes: Any,
+        counters: Counters,
+        judge: MirrorJudgeLike | None = None,
     ) -> None:
         self.cfg = cfg
         self.cache = cache
@@ -75,6 +92,7 @@ class Collector:
         self.counters = counters
         cache.publish_outputs = cfg.master_policy == "author" and cfg.active
         self.probes = probes
+        self.judge = judge
 
     # ---- hints -> layouts ---------------------------------------------------------------
     def parse(self, req: Any) -> RequestState | None:
@@ -297,32 +315,68 @@ class Collector:
         row = req.kv.req_pool_idx
         if row is None or lay.row_pos is None:
             return
-        n = lay.row_pos.numel()
+        picks: list[tuple[SharedUse, torch.Tensor, torch.Tensor]] = []
         for use in lay.shared:
             if use.node is None or use.recompute is None or use.recompute.numel() == 0:
                 continue
-            want = torch.zeros(n, dtype=torch.bool)
-            want_pos = use.recompute + use.start
             # row entries whose true position is in this segment's recompute set
-            hit = torch.isin(lay.row_pos, want_pos)
-            want |= hit
-            idx = torch.nonzero(want).flatten()
+            idx = torch.nonzero(torch.isin(lay.row_pos, use.recompute + use.start)).flatten()
             if idx.numel() != use.recompute.numel():
                 continue  # the last token was forced fresh etc.: keep it request-owned
-            order = torch.argsort(lay.row_pos[idx])
-            idx = idx[order]
-            indices = use.recompute + use.node_offset
-            if self.cfg.mirror == "drop":
+            idx = idx[torch.argsort(lay.row_pos[idx])]
+            picks.append((use, idx, use.recompute + use.node_offset))
+        keeps = self._keep_masks(row, picks)
+        for (use, idx, indices), keep in zip(picks, keeps, strict=True):
+            drop = ~keep
+            if bool(drop.any()):
                 # the agent's later prompt tokens already attended to the corrected KV; from
                 # now on its row reads the master's (rotated by the position difference)
-                self.cache.repoint_row(row, idx, use.node, indices, lay.round_id)
-                continue
-            slots = self.cache.row_slots(row, idx)
-            self.cache.attach_mirror(
-                lay.round_id, lay.agent, use.node, indices, slots, req_pool_idx=row, at=use.start
-            )
-            ranges = index_runs(idx)
-            self.cache.claim_row_ranges(row, ranges)
+                self.cache.repoint_row(
+                    row, idx[drop], use.node, indices[drop], lay.round_id, record=not keep.any()
+                )
+            if bool(keep.any()):
+                slots = self.cache.row_slots(row, idx[keep])
+                self.cache.attach_mirror(
+                    lay.round_id,
+                    lay.agent,
+                    use.node,
+                    indices[keep],
+                    slots,
+                    req_pool_idx=row,
+                    at=use.start,
+                )
+                self.cache.claim_row_ranges(row, index_runs(idx[keep]))
+
+    def _keep_masks(
+        self, row: int, picks: list[tuple[SharedUse, torch.Tensor, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Which recomputed slots of each segment stay the agent's (``--tokendance-mirror``):
+        all (keep), none (drop), or those whose K/V deviates from the master's by more than
+        eps (threshold: one measurement over every segment of the row)."""
+        sizes = [int(idx.numel()) for _, idx, _ in picks]
+        mode = self.cfg.mirror
+        if mode == "threshold" and self.judge is not None and sum(sizes):
+            mine = self.cache.row_slots(row, torch.cat([idx for _, idx, _ in picks]))
+            master = torch.cat([u.node.master_slots[i.to(torch.int64)] for u, _, i in picks])
+            dev = self.judge.deviation(mine, master)
+            self._count_deviation(dev)
+            return list(torch.split(dev > self.cfg.mirror_eps, sizes))
+        keep = mode == "keep" or (mode == "threshold" and self.judge is None)
+        if keep:
+            self.counters.mirror_slots_kept += sum(sizes)
+        else:
+            self.counters.mirror_slots_freed += sum(sizes)
+        return [torch.full((n,), keep, dtype=torch.bool) for n in sizes]
+
+    def _count_deviation(self, dev: torch.Tensor) -> None:
+        c = self.counters
+        counts = bin_counts(dev)
+        if not c.mirror_dev_counts:
+            c.mirror_dev_counts = [0] * len(counts)
+        c.mirror_dev_counts = [a + b for a, b in zip(c.mirror_dev_counts, counts, strict=True)]
+        kept = int((dev > self.cfg.mirror_eps).sum())
+        c.mirror_slots_kept += kept
+        c.mirror_slots_freed += int(dev.numel()) - kept
 
 
 def _narrow(use: SharedUse, hit: Any) -> None:

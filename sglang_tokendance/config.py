@@ -10,7 +10,10 @@ Mode = Literal["tokendance", "pic", "off"]
 MODES: tuple[str, ...] = ("tokendance", "pic", "off")
 SELECTIONS: tuple[str, ...] = ("leading", "deviation", "both")  # see selection.py
 MASTER_POLICIES: tuple[str, ...] = ("fresh", "author")
-MIRROR_POLICIES: tuple[str, ...] = ("keep", "drop")
+MIRROR_POLICIES: tuple[str, ...] = ("keep", "threshold", "drop")
+# threshold: a recomputed slot is kept when its K or V (some layer) differs from the rotated
+# master's by more than this, relative (see attention/mirror_deviation.py; README, Results).
+DEFAULT_MIRROR_EPS = 0.05
 ATTENTION_PATHS: tuple[str, ...] = ("auto", "triton", "torch")  # see attention/dispatch.py
 DEFAULT_SEPARATOR = "<|td|>"
 
@@ -34,6 +37,7 @@ class TokenDanceConfig:
     uniform_attention: bool = False
     mirror: str = "keep"
     attention: str = "auto"
+    mirror_eps: float = DEFAULT_MIRROR_EPS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,6 +67,8 @@ class TokenDanceConfig:
             raise ValueError(
                 f"--tokendance-attention must be one of {ATTENTION_PATHS}, got {self.attention!r}"
             )
+        if not self.mirror_eps >= 0.0:  # also refuses NaN
+            raise ValueError(f"--tokendance-mirror-eps must be >= 0, got {self.mirror_eps}")
         if self.check_layer < 0:
             raise ValueError(f"--tokendance-check-layer must be >= 0, got {self.check_layer}")
         if not self.separator:
@@ -97,6 +103,16 @@ def _positive_ms(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0 milliseconds, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -169,7 +185,18 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="What an agent keeps of the tokens it recomputed in a reused segment: keep = their "
         "KV (a sparse diff against the master, freed with the request); drop = free them after "
         "the agent's prefill and point its row back at the master's slots (later prompt tokens "
-        "already saw the corrected KV; decode reads the master's). Default %(default)s.",
+        "already saw the corrected KV; decode reads the master's); threshold = drop only the "
+        "tokens whose K/V differs from the master's (rotated to the same position) by at most "
+        "--tokendance-mirror-eps in every layer. Default %(default)s.",
+    )
+    g.add_argument(
+        "--tokendance-mirror-eps",
+        type=_non_negative,
+        default=d.mirror_eps,
+        help="--tokendance-mirror threshold: keep a recomputed token's slot only if, in some "
+        "layer, |X - X_master| / |X_master| > eps for its K or V (norms over all heads; the "
+        "master's K rotated to the token's position). 0 keeps every slot (= keep), a huge value "
+        "frees every one (= drop). Default %(default)s.",
     )
     _add_attention(g)
 
@@ -208,6 +235,7 @@ def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
         uniform_attention=bool(getattr(ns, "tokendance_uniform_attention", False)),
         mirror=getattr(ns, "tokendance_mirror", TokenDanceConfig.mirror),
         attention=getattr(ns, "tokendance_attention", "auto"),
+        mirror_eps=float(getattr(ns, "tokendance_mirror_eps", DEFAULT_MIRROR_EPS)),
     )
 
 

@@ -6,6 +6,8 @@
   probe board, which the attention backend fills at the check layer.
 - ``ForwardBatch.init_new`` (after): extend tokens of laid-out rows take their positions from
   ``req_to_pos`` instead of ``prefix_len + arange``. Batches without laid-out rows are untouched.
+  The first one also binds the mirror judge (``--tokendance-mirror threshold``) to the model
+  runner's KV pool and RoPE.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from sglang_tokendance.attention.deviation import get_probe_board
 from sglang_tokendance.attention.hooks import begin_forward
+from sglang_tokendance.attention.mirror_deviation import bind_judge
 from sglang_tokendance.state import pool_state, state_of
 
 
@@ -69,4 +72,5 @@ def after_init_new(result: Any, cls: Any, batch: Any, model_runner: Any, *a: Any
     attention path (its KV writes tagged with those positions)."""
     fix_extend_positions(result, model_runner.req_to_token_pool)
     begin_forward(result, model_runner)
+    bind_judge(model_runner)
     return result

@@ -25,6 +25,7 @@ from typing import Any
 
 from sglang_tokendance.accounting import Accounting
 from sglang_tokendance.attention.deviation import get_probe_board
+from sglang_tokendance.attention.mirror_deviation import get_mirror_judge
 from sglang_tokendance.collector import Collector
 from sglang_tokendance.config import TokenDanceConfig, get_config
 from sglang_tokendance.rounds import RoundBarrier
@@ -46,7 +47,9 @@ class TokenDanceScheduler:
         self.barrier: RoundBarrier[Any] = RoundBarrier(cfg.round_timeout_ms / 1000.0)
         self.acct = Accounting()
         probes = get_probe_board(scheduler.req_to_token_pool)
-        self.collector = Collector(cfg, scheduler.tree_cache, probes, self.acct.counters)
+        # threshold: the judge measures K/V on the model-runner side (bound on the first forward)
+        judge = get_mirror_judge(scheduler.req_to_token_pool) if cfg.mirror == "threshold" else None
+        self.collector = Collector(cfg, scheduler.tree_cache, probes, self.acct.counters, judge)
         self.started = time.monotonic()
         self.members: dict[tuple[str, str], Any] = {}  # (round, agent) -> latest request
         self.watch = IntegrityWatch() if IntegrityWatch.enabled() else None

@@ -3,9 +3,9 @@
 A hinted request carries one :class:`RequestState` in ``req.tokendance``, built once from its
 hint when the scheduler first sees it and read everywhere else (the scheduler hooks, the
 collector, the tree cache, the batch hooks). The request pool carries one :class:`PoolState`
-in ``req_to_token_pool.tokendance`` (the position table, the probe board and the
-position-tagged attention that the tree cache, the batch hooks and the attention layers built
-from the same pools must share).
+in ``req_to_token_pool.tokendance`` (the position table, the probe board, the mirror judge and
+the position-tagged attention that the tree cache, the batch hooks and the attention layers
+built from the same pools must share).
 Nothing else of TokenDance is stored on SGLang objects; ``patches/sglang-0.5.23`` lists these
 two names with every other touch point.
 
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from sglang_tokendance.attention.deviation import ProbeBoard
+    from sglang_tokendance.attention.mirror_deviation import MirrorJudge
     from sglang_tokendance.attention.tagged import TaggedAttention
     from sglang_tokendance.cache.row_plan import RowLayout, SharedUse
     from sglang_tokendance.positions import PositionTable
@@ -85,6 +86,7 @@ class PoolState:
     positions: PositionTable | None = None
     probes: ProbeBoard | None = None
     attention: TaggedAttention | None = None  # the model runner's position-tagged path
+    judge: MirrorJudge | None = None  # --tokendance-mirror threshold only
 
 
 def pool_state(req_to_token_pool: Any) -> PoolState:

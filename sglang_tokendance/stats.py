@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sglang_tokendance.accounting import deviation_histogram
 from sglang_tokendance.config import get_config
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         deviation_selections=c.deviation_selections,
         pic_copies_skipped=getattr(cache, "pic_copies_skipped", 0),
         nonleading_selections=c.nonleading_selections,
+        mirror_slots_kept=c.mirror_slots_kept,
+        mirror_slots_freed=c.mirror_slots_freed,
+        mirror_deviation=deviation_histogram(c.mirror_dev_counts),
         collector_ms=round(c.collector_s * 1000, 3),
         barrier_wait_ms=round(c.barrier_wait_s * 1000, 3),
         kv_tokens_peak=td.acct.peak_used_tokens,

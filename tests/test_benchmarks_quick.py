@@ -116,3 +116,37 @@ def test_round_latency_metrics_and_paired_ratios() -> None:
     s = rl.summarize(runs, ["off", "tokendance"])
     assert s["c"]["ratios"]["round_ms_p50:off/tokendance"]["median"] == 2.0
     assert s["c"]["ratios"]["ttft_ms_p50:off/tokendance"]["median"] == 2.0
+
+
+def test_capacity_quick_searches_under_a_given_slo(
+    request: pytest.FixtureRequest,
+    tiny_llama: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+) -> None:
+    from benchmarks import capacity
+
+    url = shared_server(request, tiny_llama, tmp_path_factory)
+    base = ["--quick", "--modes", "tokendance", "--workloads", "society", "--pool", "0"]
+    base += ["--max-agents", "2", "--server-args", "", "--model", "tiny"]
+    results = {}
+    for name, slo_ms in (("ample", "600000"), ("impossible", "1")):
+        out = tmp_path / name
+        with common.ServerPool(tmp_path / "logs", max_alive=1) as pool:
+            pool.register(pool.key(tiny_llama, "tokendance", 0.15, ()), url)
+            assert capacity.main([*base, "--slo-ms", slo_ms, "--out", str(out)], pool=pool) == 0
+            assert pool.started == []  # the shared server served every probe
+        results[name] = json.loads((out / "capacity.json").read_text())
+        assert (out / "capacity.png").stat().st_size > 0
+        assert (out / "capacity.md").read_text().startswith("SLO:")
+    ample = results["ample"]["workloads"]["society"]
+    assert ample["slo_source"].startswith("given") and ample["reference"] is None
+    td = ample["per_mode"]["tokendance"]
+    assert td["capacity"] == 2 and td["capped"] and td["error"] is None
+    assert [p["agents"] for p in td["probes"]] == [1, 2]
+    assert all(p["served"] and p["retractions"] == 0 for p in td["probes"])
+    assert all(len(p["round_latencies_ms"]) == 2 for p in td["probes"])  # every round judged
+    # a 1 ms SLO: N=1 answers in full but misses the SLO (tried twice), so nothing is served
+    (miss,) = results["impossible"]["workloads"]["society"]["per_mode"]["tokendance"]["probes"]
+    assert miss["all_ok"] and not miss["within_slo"] and len(miss["latency_tries_ms"]) == 2
+    assert results["impossible"]["workloads"]["society"]["capacity"]["tokendance"] == 0

@@ -32,6 +32,7 @@ class FakeCache:
     claims: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
     pins: list[tuple[int, int | None]] = field(default_factory=list)
     mirrors: list[tuple[str, str, int, int, int | None]] = field(default_factory=list)
+    repointed: list[tuple[int, list[int], list[int], bool]] = field(default_factory=list)
 
     def lookup_segment(self, token_ids: Sequence[int]) -> AllGatherNode | None:
         return self.store.lookup(token_ids)
@@ -45,6 +46,10 @@ class FakeCache:
     def attach_mirror(self, round_id, agent, node, indices, slots, *, req_pool_idx=None, at=0):  # noqa: ANN001, ANN201
         self.mirrors.append((round_id, agent, node.node_id, at, req_pool_idx))
         return self.store.attach_mirror(round_id, agent, node, indices, slots, at)
+
+    def repoint_row(self, row, index, node, node_index, round_id, *, record=True):  # noqa: ANN001, ANN201
+        self.repointed.append((row, index.tolist(), node_index.tolist(), record))
+        return int(index.numel())
 
     def claim_row_ranges(self, req_pool_idx: int, ranges: Iterable[tuple[int, int]]) -> None:
         self.claims.append((req_pool_idx, list(ranges)))
@@ -151,6 +156,51 @@ def test_mirrors_are_made_per_occurrence_and_tied_to_the_row() -> None:
     col.on_prefill_done(ready)
     assert cache.mirrors == [("r1", "b", 0, 3, 2)]  # at = the segment's start, row 2
     assert (2, [(11, 13)]) in cache.claims
+
+
+class Judge:
+    """Deviation of slot ``s`` = the table's value for its row index (``s - 1000 * row``)."""
+
+    def __init__(self, by_index: dict[int, float]) -> None:
+        self.by_index = by_index
+        self.asked: list[tuple[list[int], list[int]]] = []
+
+    def deviation(self, mirror_slots: torch.Tensor, master_slots: torch.Tensor) -> torch.Tensor:
+        self.asked.append((mirror_slots.tolist(), master_slots.tolist()))
+        return torch.tensor([self.by_index[int(s) % 1000] for s in mirror_slots])
+
+
+def _threshold_round(eps: float, dev: dict[int, float]) -> tuple[Collector, FakeCache, Judge]:
+    cache, judge = FakeCache(), Judge(dev)
+    cfg = TokenDanceConfig(enabled=True, selection="leading", mirror="threshold", mirror_eps=eps)
+    col = Collector(cfg, cache, Board(), Counters(), judge)
+    a = parsed(col, make_req("a", ["s1"], 1))
+    b = parsed(col, make_req("b", ["s1"], 2))
+    col.start_round("r1", [a, b], 0.0)
+    (ready,) = col.on_prefill_done(a)
+    state_of(ready).layout.row_pos = torch.tensor([0, 1, 2, *range(5, 13), 3, 4, 13, 14])
+    col.on_prefill_done(ready)
+    return col, cache, judge
+
+
+def test_threshold_keeps_only_the_slots_that_deviate_from_the_master() -> None:
+    # row 2's recomputed entries 11, 12 hold s1[0], s1[1]; master slots 1003, 1004 (row 1)
+    col, cache, judge = _threshold_round(0.1, {11: 0.5, 12: 0.01})
+    assert judge.asked == [([2011, 2012], [1003, 1004])]  # one measurement for the row
+    assert cache.repointed == [(2, [12], [1], False)]  # s1[1] reads the master again
+    (mirror,) = cache.store.mirrors()
+    assert mirror.indices.tolist() == [0] and mirror.slots.tolist() == [2011]
+    assert (2, [(11, 12)]) in cache.claims
+    c = col.counters
+    assert (c.mirror_slots_kept, c.mirror_slots_freed, sum(c.mirror_dev_counts)) == (1, 1, 2)
+
+
+def test_threshold_at_the_extremes_is_keep_and_drop() -> None:
+    _, keep, _ = _threshold_round(0.0, {11: 0.5, 12: 0.01})
+    assert keep.repointed == [] and len(list(keep.store.mirrors())) == 1
+    _, drop, _ = _threshold_round(1e9, {11: 0.5, 12: 0.01})
+    assert drop.repointed == [(2, [11, 12], [0, 1], True)]  # the ledger sees a view, no diff
+    assert list(drop.store.mirrors()) == []
 
 
 def test_an_aborted_master_agent_releases_its_round() -> None:

@@ -55,4 +55,6 @@ class CollectorCache(Protocol):
         node: AllGatherNode,
         node_index: torch.Tensor,
         round_id: str,
+        *,
+        record: bool = True,
     ) -> int: ...

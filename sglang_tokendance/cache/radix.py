@@ -384,9 +384,15 @@ class TokenDanceRadixCache(RadixCache):
         node: AllGatherNode,
         node_index: torch.Tensor,
         round_id: str,
+        *,
+        record: bool = True,
     ) -> int:
         """Point a running row's entries ``index`` at ``node``'s master slots ``node_index``
-        and free the slots they held (``--tokendance-mirror drop``); returns slots freed.
+        and free the slots they held (``--tokendance-mirror drop``, and ``threshold`` for the
+        slots close to the master's); returns slots freed.
+
+        ``record``: count the view in the round ledger as one with no diff (False when the
+        same view also keeps a mirror, which the ledger counts when it is attached).
 
         The entries must be the request's own (fresh) slots. They become claimed (foreign) and
         the row pins ``node``, so releasing the request frees neither the master nor anything
@@ -403,7 +409,8 @@ class TokenDanceRadixCache(RadixCache):
         self.pin_segment(node, req_pool_idx)
         self.claim_row_ranges(req_pool_idx, index_runs(idx))
         self.token_to_kv_pool_allocator.free(old.to(self.token_to_kv_pool_allocator.device))
-        self.ledger.record_use(round_id, node, 0)  # a view of the master with no diff
+        if record:
+            self.ledger.record_use(round_id, node, 0)  # a view of the master with no diff
         return int(old.numel())
 
     def row_owned_slots(self, req_pool_idx: int, start: int, end: int) -> torch.Tensor:
