@@ -55,8 +55,9 @@ def test_decode_batch_matches_reference(
     want = decode_attention_ref(
         q, w.k, w.v, w.r2t, w.r2p, w.ll, w.spos, rows, torch.tensor(seq), rope, 0.3
     )
-    plan = bp.plan_batch(rows, seq, w.tables, rope, headroom=8)
-    assert plan.moves == [False, True, True, True] and plan.rot is not None
+    plan = bp.plan_batch(rows, seq, w.tables, rope, headroom=8, sort=True)
+    assert plan.order.tolist() == [1, 3, 2, 0]  # by length: 30, 33, 37, 40
+    assert plan.moves == [True, True, True, False] and plan.rot is not None
     ws = bp.Workspace()
     for _ in range(2):  # the second call reuses the workspace
         torch.testing.assert_close(bp.decode_batch(q, w.k, w.v, plan, rope, 0.3, ws), want, **TOL)
@@ -81,7 +82,8 @@ def test_appended_plan_equals_a_rebuilt_one_and_stops_at_its_width() -> None:
         assert torch.equal(plan.key_pos[:, :width], rebuilt.key_pos)
         assert torch.equal(plan.valid[:, :width], rebuilt.valid)
     assert plan.seq_lens == [32, 39]
-    assert bp.append_decode(plan, torch.tensor([370, 371])) is None  # 39 + 1 > width 39
+    full = plan._replace(seq_lens=[plan.width, plan.width])
+    assert bp.append_decode(full, torch.tensor([370, 371])) is None  # past the width: rebuild
 
 
 def test_extend_rows_match_reference_for_rows_of_different_lengths() -> None:
@@ -99,3 +101,17 @@ def test_extend_rows_match_reference_for_rows_of_different_lengths() -> None:
     out = torch.empty_like(q)
     bp.extend_rows(q, out, w.k, w.v, keys, ext, qpos, rope, 0.3)
     torch.testing.assert_close(out, want, **TOL)
+
+
+def test_a_decode_row_gets_the_same_bits_alone_or_batched() -> None:
+    """Rows are padded to a bucket of their own length, never to their batch's longest row."""
+    rope = RopeParams.default(10000.0, D)
+    w = World(rope)
+    q = torch.randn(4, H, D, generator=torch.Generator().manual_seed(6))
+    rows, seq = torch.tensor([1, 2, 3, 4]), [40, 30, 37, 33]
+    batched = bp.decode_batch(
+        q, w.k, w.v, bp.plan_batch(rows, seq, w.tables, rope, 64, sort=True), rope, 0.3
+    )
+    for i in range(4):
+        alone = bp.plan_batch(rows[i : i + 1], seq[i : i + 1], w.tables, rope, 64, sort=True)
+        assert torch.equal(bp.decode_batch(q[i : i + 1], w.k, w.v, alone, rope, 0.3)[0], batched[i])

@@ -17,8 +17,10 @@ Why blocks of rows and a reused workspace (measured on 2 CPU cores, tiny model s
 of 3.8k keys): gathering and rotating the whole batch at once makes ~60 MB temporaries that
 leave the cache and are fresh mmap'd allocations (page faults): 54 ms a layer against 18 ms for
 SGLang's torch_native per-request loop; gathered into a reused workspace in blocks sized to the
-L2 cache, the same work is 18 ms. Decode attends a block in one SDPA call; extend attends row
-by row (rows of an extend differ a lot in length: one shape would pad up to twice the FLOPs).
+L2 cache, the same work is 18 ms. Decode attends a block of rows of one padded length in one
+SDPA call (rows padded to a multiple of ``BUCKET``, not to the batch's longest: a row's output
+then does not depend on what it is batched with); extend attends row by row (rows of an extend
+differ a lot in length: one shape would pad up to twice the FLOPs).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from sglang_tokendance.attention.rope import RopeParams, delta_cos_sin, full_wid
 BIG = 1 << 30  # key position of padding: never visible to any query
 DECODE_HEADROOM = 64  # decode steps a plan absorbs before it is rebuilt wider
 BLOCK_BYTES = 3 << 20  # K, V and the swap buffer of one block of rows: about one L2 cache
+BUCKET = 128  # decode pads a row's keys to a multiple of this, whatever it is batched with
 
 
 class Tables(NamedTuple):
@@ -53,14 +56,25 @@ class BatchKeys(NamedTuple):
     valid: torch.Tensor  # bool [B, C]
     rot: tuple[torch.Tensor, torch.Tensor] | None  # float32 [B, C, 1, D] each; None: none move
     moves: list[bool]  # host: does any key of row b move
+    order: torch.Tensor | None = None  # plan row i is batch row order[i] (None: the same)
 
     @property
     def width(self) -> int:
         return int(self.slots.shape[1])
 
 
+def bucket(n: int) -> int:
+    """The padded key count decode attends over for a row of ``n`` keys (batch-independent)."""
+    return -(-n // BUCKET) * BUCKET
+
+
 def plan_batch(
-    rows: torch.Tensor, seq_lens: list[int], tables: Tables, rope: RopeParams, headroom: int = 0
+    rows: torch.Tensor,
+    seq_lens: list[int],
+    tables: Tables,
+    rope: RopeParams,
+    headroom: int = 0,
+    sort: bool = False,
 ) -> BatchKeys:
     """Vectorized key plan of ``rows`` (no per-row Python loop).
 
@@ -70,10 +84,18 @@ def plan_batch(
         tables: the index tables.
         rope: the model's RoPE.
         headroom: extra columns for decode steps to append into.
+        sort: order the plan's rows by length (decode: rows of one padded length are then
+            adjacent, and stay so as every row grows by one per step).
     """
     dev = tables.req_to_token.device
     rows = rows.to(dev, torch.int64)
-    width = min(max(seq_lens) + headroom, tables.req_to_token.shape[1])
+    order = None
+    if sort:
+        perm = sorted(range(len(seq_lens)), key=seq_lens.__getitem__)
+        order = torch.tensor(perm, dtype=torch.int64, device=dev)
+        rows, seq_lens = rows[order], [seq_lens[i] for i in perm]
+    width = bucket(max(seq_lens) + headroom) if headroom else max(seq_lens)
+    width = min(width, tables.req_to_token.shape[1])
     lens = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
     j = torch.arange(width, dtype=torch.int64, device=dev).view(1, -1)
     valid = j < lens.view(-1, 1)
@@ -88,7 +110,7 @@ def plan_batch(
         c, s = full_width(*delta_cos_sin(delta.view(-1), rope.inv_freq), rope)
         shape = (*slots.shape, 1, rope.head_dim)
         rot = (c.view(shape), s.view(shape))
-    return BatchKeys(list(seq_lens), slots, key_pos, valid, rot, moves.tolist())
+    return BatchKeys(list(seq_lens), slots, key_pos, valid, rot, moves.tolist(), order)
 
 
 def append_decode(plan: BatchKeys, new_slots: torch.Tensor) -> BatchKeys | None:
@@ -176,6 +198,21 @@ def block_rows(plan: BatchKeys, k_buffer: torch.Tensor) -> int:
     return max(1, BLOCK_BYTES // max(per_row, 1))
 
 
+def decode_groups(plan: BatchKeys, k_buffer: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(first, end, padded length)`` of each block of plan rows decode attends at once: rows
+    of one padded length (adjacent in a sorted plan), at most ``block_rows`` of them."""
+    most = block_rows(plan, k_buffer)
+    pads = [min(bucket(s), plan.width) for s in plan.seq_lens]
+    groups, i = [], 0
+    while i < len(pads):
+        j = i + 1
+        while j < len(pads) and pads[j] == pads[i] and j - i < most:
+            j += 1
+        groups.append((i, j, pads[i]))
+        i = j
+    return groups
+
+
 def decode_batch(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -184,21 +221,25 @@ def decode_batch(
     rope: RopeParams,
     scale: float,
     ws: Workspace | None = None,
+    groups: list[tuple[int, int, int]] | None = None,
 ) -> torch.Tensor:
-    """Decode attention of one query per row (``q`` ``[B, H, D]``) -> ``[B, H, Dv]``.
+    """Decode attention of one query per row (``q`` ``[B, H, D]``, batch order) -> ``[B, H, Dv]``.
 
     A row's positions are a permutation of ``0..seq_len-1`` and its query sits at ``seq_len-1``,
-    so every valid key is visible: the mask only hides padding.
+    so every valid key is visible: the mask only hides padding. Each row is padded to
+    :func:`bucket` of its length, never to its batch's longest row: CPU SDPA gives a row the same
+    bits whatever else is in the call, so a row's output does not depend on its batch.
     """
     ws = ws or Workspace()
+    if plan.order is not None:
+        q = q[plan.order]
     out = q.new_empty((q.shape[0], q.shape[1], v_buffer.shape[-1]))
-    g = block_rows(plan, k_buffer)
-    for b0 in range(0, q.shape[0], g):
-        b1 = min(q.shape[0], b0 + g)
-        n = max(plan.seq_lens[b0:b1])
+    for b0, b1, n in groups or decode_groups(plan, k_buffer):
         k, v = _gather(ws, k_buffer, v_buffer, plan, b0, b1, n, rope)
         mask = plan.valid[b0:b1, :n].view(b1 - b0, 1, 1, n)
         out[b0:b1] = _sdpa(q[b0:b1].unsqueeze(1), k, v, mask, scale).squeeze(1)
+    if plan.order is not None:
+        out[plan.order] = out.clone()
     return out
 
 

@@ -80,6 +80,7 @@ class TaggedAttention:
         self._rows: list[int] = []
         self._extend: tuple[bp.BatchKeys, list[int]] | None = None
         self._ws = bp.Workspace()  # gathered K/V of one block, reused by every layer
+        self._groups: list[tuple[int, int, int]] = []  # decode blocks of this forward
         self._decode: bp.BatchKeys | None = None  # kept across decode steps
         self._decode_key: tuple[tuple[int, ...], int] | None = None
         self._decode_fb: Any = None
@@ -148,13 +149,17 @@ class TaggedAttention:
         seq = host_list(fb.seq_lens_cpu, fb.seq_lens)
         key = (tuple(self._rows), self.table.version)
         plan, prev = None, self._decode
-        if prev is not None and key == self._decode_key and seq == [s + 1 for s in prev.seq_lens]:
-            plan = bp.append_decode(prev, fb.out_cache_loc)
+        if prev is not None and key == self._decode_key:
+            order = prev.order.tolist() if prev.order is not None else range(len(seq))
+            if [seq[i] for i in order] == [s + 1 for s in prev.seq_lens]:
+                loc = fb.out_cache_loc if prev.order is None else fb.out_cache_loc[prev.order]
+                plan = bp.append_decode(prev, loc)
         if plan is None:
             plan = bp.plan_batch(
-                fb.req_pool_indices, seq, self.tables, self.rope, headroom=bp.DECODE_HEADROOM
+                fb.req_pool_indices, seq, self.tables, self.rope, bp.DECODE_HEADROOM, sort=True
             )
         self._decode, self._decode_key, self._decode_fb = plan, key, fb
+        self._groups = bp.decode_groups(plan, self.kv_pool.get_key_buffer(0))
         return plan
 
     # ---- per layer ------------------------------------------------------------------------
@@ -179,7 +184,9 @@ class TaggedAttention:
             o = self._triton(q_, kbuf, vbuf, layer, fb, decode)
         elif decode:
             plan = self._decode_plan(fb)
-            o = bp.decode_batch(q_, kbuf, vbuf, plan, self.rope, layer.scaling, self._ws)
+            o = bp.decode_batch(
+                q_, kbuf, vbuf, plan, self.rope, layer.scaling, self._ws, self._groups
+            )
         else:
             o = q_.new_empty((q_.shape[0], heads, dv))
             keys, ext = self._extend_keys(fb)
