@@ -16,6 +16,7 @@ tokendance``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -212,6 +213,7 @@ class TokenDanceAttnBackend(TorchNativeAttnBackend):
                         plan.key_pos,
                         p.start,
                         layer.scaling,
+                        _tp_sum(),
                     )
                     p.scores[(qpos[sel] - p.start).cpu()] = dev.cpu()
             start = end
@@ -355,3 +357,15 @@ def register_backend() -> None:
         register_attention_backend(BACKEND_NAME)(create_tokendance_backend)
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         ATTENTION_BACKEND_CHOICES.append(BACKEND_NAME)
+
+
+def _tp_sum() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A sum over the TP ranks when there are several (deviation scores over all heads)."""
+    from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+
+    try:
+        many = get_tensor_model_parallel_world_size() > 1
+    except (AssertionError, AttributeError, RuntimeError):  # no TP group (unit tests)
+        return None
+    return tensor_model_parallel_all_reduce if many else None
