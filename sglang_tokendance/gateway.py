@@ -70,12 +70,15 @@ class GatewayProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.argv = gateway_command(list(worker_urls), self.port, free_port())
+        self.expected_workers = len(worker_urls)
         self.log_path = Path(log_path)
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> GatewayProcess:
-        """Start smg and wait until its /health answers 200.
+        """Start smg and wait until it has registered every worker (``GET /workers``) and
+        says it is ready (``GET /readiness``): its /health answers before the workers are in,
+        and a request sent then gets "No worker available".
 
         Raises:
             RuntimeError: if it exits or does not answer in time (log tail included).
@@ -91,13 +94,20 @@ class GatewayProcess:
                 self.stop()
                 raise RuntimeError(f"smg exited with code {self.proc.returncode}:\n{self.tail()}")
             try:
-                if requests.get(self.url + "/health", timeout=10).status_code == 200:
+                if self.ready():
                     return self
-            except requests.RequestException:
+            except (requests.RequestException, ValueError):
                 pass
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"smg did not answer in {self.startup_timeout_s}s:\n{self.tail()}")
+
+    def ready(self) -> bool:
+        """Every worker registered and the gateway ready to route."""
+        workers = requests.get(self.url + "/workers", timeout=10).json()
+        if int(workers.get("total") or 0) < self.expected_workers:
+            return False
+        return requests.get(self.url + "/readiness", timeout=10).status_code == 200
 
     def stop(self) -> None:
         """Stop its process group (SIGTERM, then SIGKILL)."""

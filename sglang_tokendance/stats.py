@@ -97,6 +97,8 @@ STORE_SUMMED = ("mirrors", "mirror_tokens", "dense_equiv_tokens", "stored_tokens
 
 def combine(per_dp: list[dict[str, Any]]) -> dict[str, Any]:
     """The route's answer for several DP ranks: each rank's stats and their total."""
+    # the schedulers answer in any order
+    per_dp = sorted(per_dp, key=lambda d: int(d.get("dp_rank") or 0))
     total: dict[str, Any] = {key: sum(int(d.get(key) or 0) for d in per_dp) for key in SUMMED}
     store = {
         key: sum(int((d.get("all_rounds_store") or {}).get(key) or 0) for d in per_dp)

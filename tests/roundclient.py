@@ -63,11 +63,12 @@ class Simulation(NamedTuple):
 
 
 def simulate(
-    url: str, group: str, rounds: int, agents: int = 3, seed: int = 1, max_tokens: int = 4
+    url: str, group: str, rounds: int, agents: int = 3, seed: int = 1, max_tokens: int = 10
 ) -> Simulation:
     """A closed-loop simulation: round 1 from a generated trace, then every round's shared
     segments wrap the previous round's generated texts ("\nname: text\n", in a rotated
-    order per agent). Round ids ``<group>/r<N>``, hint group ``group``."""
+    order per agent). Round ids ``<group>/r<N>``, hint group ``group``. ``max_tokens`` of 10
+    lets the author policy find an output again inside its re-tokenized wrapper."""
     reqs = generative_agents(agents=agents, rounds=1, seed=seed, private_words=20).rounds()[1]
     sp = {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     out: list[list[dict[str, Any]]] = []
