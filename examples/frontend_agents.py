@@ -112,7 +112,8 @@ def run(args: argparse.Namespace, url: str) -> int:
     agents = [agent_id(n) for n in names]
     full = dict(zip(agents, names, strict=True))
     personas = {a: f"Name: {full[a]}\nJob: {JOBS[i]} in {TOWN}.\n" for i, a in enumerate(agents)}
-    endpoint = TokenDanceEndpoint(url)
+    # One simulation, one routing key: every round lands where the last one's masters are.
+    endpoint = TokenDanceEndpoint(url, group=f"town-{args.run_id}")
     rec = TraceRecorder(
         workload="frontend_town_chat",
         source="examples/frontend_agents.py",

@@ -4,10 +4,11 @@ Every agent's prompt: its persona (private), every agent's observation (shared s
 ``r0/<agent>``, in an order of its own) and its instruction (private). The N requests go out
 together with the ``openai`` client; the hint travels as an extra body field::
 
-    client.completions.create(..., extra_body={"kv_hints": envelope})
+    client.completions.create(..., extra_body={"kv_hints": envelope},
+                              extra_headers={"X-SMG-Routing-Key": group})
 
     python examples/openai_agents.py --url URL [--agents 4] [--route completions|chat|separator]
-        [--round-id oa1] [--max-tokens 16]
+        [--round-id oa1] [--group G] [--max-tokens 16]
 
 ``--route chat`` sends persona as the system message and the rest as the user message (the
 hint's spans then cover the joined message texts); ``--route separator`` sends the hint inside
@@ -27,7 +28,13 @@ import openai
 import requests
 
 from sglang_tokendance.config import DEFAULT_SEPARATOR
-from sglang_tokendance.hints import build_request, build_separated
+from sglang_tokendance.hints import (
+    ROUTING_HEADER,
+    build_request,
+    build_separated,
+    default_group,
+    routing_headers,
+)
 
 NAMES = ["Amara Okafor", "Bastian Lindqvist", "Chiara Nakamura", "Dmitri Haddad", "Elena Moreau"]
 NAMES += ["Farid Castillo", "Greta Patel", "Hiroshi Brennan", "Imani Silva", "Jonas Yilmaz"]
@@ -58,10 +65,13 @@ async def one(
     agent, n = agent_id(names[i]), len(names)
     common: dict[str, Any] = {"model": model, "max_tokens": args.max_tokens, "temperature": 0}
     if args.route == "separator":
-        prompt = build_separated(system + user, args.round_id, n, agent, args.separator)
+        prompt = build_separated(system + user, args.round_id, n, agent, args.separator, args.group)
+        group = args.group or default_group(args.round_id)
+        common["extra_headers"] = {ROUTING_HEADER: group}  # the gateway's routing key
         r = await client.completions.create(prompt=prompt, **common)
         return r.choices[0].text, r.usage
-    text, env = build_request(system + user, args.round_id, n, agent)
+    text, env = build_request(system + user, args.round_id, n, agent, group=args.group)
+    common["extra_headers"] = routing_headers(env)  # X-SMG-Routing-Key for the gateway
     if args.route == "completions":
         r = await client.completions.create(prompt=text, extra_body={"kv_hints": env}, **common)
         return r.choices[0].text, r.usage
@@ -100,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--route", choices=("completions", "chat", "separator"), default="completions")
     ap.add_argument("--round-id", default="oa1", help="the round id sent in the hints")
+    ap.add_argument("--group", default=None, help="routing key (default: from the round id)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--separator", default=DEFAULT_SEPARATOR, help="for --route separator")
     args = ap.parse_args(argv)

@@ -2,6 +2,8 @@
 
 Starts the real SGLang server on CPU with TokenDance enabled and sane CPU defaults; every flag
 not listed here is passed to ``sglang.launch_server`` unchanged (and overrides the defaults).
+With ``--dp-size``/``--tp-size`` above 1 it sets ``SGLANG_CPU_OMP_THREADS_BIND`` (the cores
+split per rank, e.g. ``0|1``) unless it is set already.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _serve(argv: list[str]) -> int:
         extra.insert(0, "--enable-tokendance")
     cmd = build_command(model, args.port, extra)
     print(" ".join(cmd), flush=True)
-    os.execve(sys.executable, cmd, server_env())
+    os.execve(sys.executable, cmd, server_env(cmd))
     return 0  # not reached
 
 

@@ -6,7 +6,11 @@ For a request carrying a TokenDance hint (kv_hints action or the text-separator 
    per shared id),
 3. tokenizes each segment on its own, so equal shared text gives equal token ids wherever it
    sits, and hands SGLang the concatenated ``input_ids``,
-4. rewrites the envelope's payload with the token spans, for the scheduler.
+4. rewrites the envelope's payload with the token spans, for the scheduler,
+5. with ``--dp-size N`` (N > 1), pins the request to the DP rank of its group (a stable hash,
+   :func:`hints.stable_rank`) through SGLang's ``routed_dp_rank``, so a round and the rounds
+   after it run on one rank; a rank the client chose itself is kept. Hint-less requests keep
+   SGLang's load balancing.
 
 Requests without hints, and every request when TokenDance is off, pass through untouched.
 """
@@ -27,8 +31,10 @@ from sglang_tokendance.hints import (
     AgentHint,
     HintError,
     find_action,
+    group_of,
     parse_payload,
     parse_separated,
+    stable_rank,
     tokenize_segments,
 )
 
@@ -54,7 +60,8 @@ class RoundRegistry:
         self.capacity = capacity
         self.ttl_s = ttl_s
         self.clock = clock
-        self._rounds: OrderedDict[str, tuple[int, dict[str, str]]] = OrderedDict()
+        # round -> (size, group, shared id -> text digest)
+        self._rounds: OrderedDict[str, tuple[int, str, dict[str, str]]] = OrderedDict()
         self._seen: dict[str, float] = {}
 
     def check(self, hint: AgentHint, text: str) -> None:
@@ -63,11 +70,16 @@ class RoundRegistry:
         for rid in [r for r, t in self._seen.items() if now - t > self.ttl_s]:
             self._rounds.pop(rid, None)
             self._seen.pop(rid, None)
-        size, texts = self._rounds.get(hint.round, (hint.round_size, {}))
+        size, group, texts = self._rounds.get(hint.round, (hint.round_size, group_of(hint), {}))
         if size != hint.round_size:
             raise HintError(
                 f"invalid TokenDance hint: round {hint.round!r} has round_size {size}, "
                 f"this request says {hint.round_size}"
+            )
+        if group != group_of(hint):
+            raise HintError(
+                f"invalid TokenDance hint: round {hint.round!r} has group {group!r}, this "
+                f"request says {group_of(hint)!r} (a round routes as one group)"
             )
         new: dict[str, str] = {}
         for s in hint.segments:
@@ -82,7 +94,7 @@ class RoundRegistry:
                 )
             new[s.id] = digest
         texts.update(new)
-        self._rounds[hint.round] = (size, texts)
+        self._rounds[hint.round] = (size, group, texts)
         self._rounds.move_to_end(hint.round)
         self._seen[hint.round] = now
         while len(self._rounds) > self.capacity:
@@ -91,7 +103,7 @@ class RoundRegistry:
 
 
 def prepare_request(
-    tm: Any, obj: Any, separator: str, registry: RoundRegistry, act: bool = True
+    tm: Any, obj: Any, separator: str, registry: RoundRegistry, act: bool = True, dp_size: int = 1
 ) -> None:
     """Apply a TokenDance hint to ``obj`` (a GenerateReqInput) in place, if it has one.
 
@@ -123,6 +135,9 @@ def prepare_request(
 
     input_ids, hint = tokenize_segments(encode, text, hint)
     obj.input_ids = input_ids
+    if dp_size > 1 and obj.routed_dp_rank is None:
+        # SGLang's DP controller sends a request with routed_dp_rank straight to that rank.
+        obj.routed_dp_rank = stable_rank(group_of(hint), dp_size)
     others = [
         a for a in (obj.kv_hints.actions if obj.kv_hints else []) if a.action_type != ACTION_TYPE
     ]
@@ -197,7 +212,8 @@ async def around_tokenize(original: Any, tm: Any, obj: Any, *args: Any, **kwargs
     """``TokenizerManager._tokenize_one_request`` (around): apply the hint, refuse empties."""
     cfg = get_config(tm.server_args)
     if cfg.enabled and type(obj).__name__ == "GenerateReqInput":
-        prepare_request(tm, obj, cfg.separator, REGISTRY, act=cfg.active)
+        dp_size = int(getattr(tm, "elastic_worker_count", 1) or 1)  # SGLang's DP ranks
+        prepare_request(tm, obj, cfg.separator, REGISTRY, act=cfg.active, dp_size=dp_size)
     out = await original(tm, obj, *args, **kwargs)
     if cfg.enabled:
         refuse_empty_prompt(out)

@@ -29,18 +29,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import requests
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.global_config import global_config
 from sglang.lang.interpreter import ProgramState, ProgramStateGroup, StreamExecutor
 from sglang.lang.ir import SglSamplingParams
-from sglang.utils import http_request
 
-from sglang_tokendance.hints import build_request
+from sglang_tokendance.hints import build_request, routing_headers
 
 logger = logging.getLogger(__name__)
 
 SEGMENTS_VAR = "__tokendance_segments__"  # tuple of (start, end, id, source, text)
-ROUND_VAR = "__tokendance_round__"  # (round id, round size, agent)
+ROUND_VAR = "__tokendance_round__"  # (round id, round size, agent, group or None)
 LOGPROB_KEYS = (
     "return_logprob",
     "logprob_start_len",
@@ -58,6 +58,7 @@ class SentGeneration:
     agent: str
     segments: list[tuple[str, str | None, str, str | None]]
     max_tokens: int
+    group: str | None = None
     output: str = ""
     meta_info: dict[str, Any] = field(default_factory=dict)
 
@@ -81,15 +82,19 @@ def _list(states: States) -> list[ProgramState]:
     return list(states.states) if isinstance(states, ProgramStateGroup) else list(states)
 
 
-def begin_round(states: States, agents: Sequence[str], round_id: str) -> None:
+def begin_round(
+    states: States, agents: Sequence[str], round_id: str, group: str | None = None
+) -> None:
     """Mark the following generations of ``states[i]`` as agent ``agents[i]`` of ``round_id``
-    (round size: ``len(states)``)."""
+    (round size: ``len(states)``). ``group``: the routing key (the simulation), sent in the
+    hint and as the X-SMG-Routing-Key header; None: the endpoint's, else derived from the
+    round id (:func:`sglang_tokendance.hints.default_group`)."""
     states = _list(states)
     if len(states) != len(agents):
         raise ValueError(f"{len(states)} states but {len(agents)} agents")
     for st, agent in zip(states, agents, strict=True):
         st.stream_executor.sync()  # an earlier queued gen must not see the new round
-        st.stream_executor.variables[ROUND_VAR] = (str(round_id), len(states), str(agent))
+        st.stream_executor.variables[ROUND_VAR] = (str(round_id), len(states), str(agent), group)
 
 
 def all_gather_round(
@@ -154,6 +159,8 @@ class TokenDanceEndpoint(RuntimeEndpoint):
         base_url: the SGLang server.
         on_generation: called (from the program's worker threads) with each hinted
             generation once its answer is back.
+        group: the routing key of rounds whose :func:`begin_round` names none (one endpoint
+            per simulation); None: derived from the round id.
         Other arguments as ``RuntimeEndpoint``. Every hinted generation is also kept in
         :attr:`history` (thread-safe).
     """
@@ -165,9 +172,11 @@ class TokenDanceEndpoint(RuntimeEndpoint):
         verify: str | None = None,
         chat_template_name: str | None = None,
         on_generation: Callable[[SentGeneration], None] | None = None,
+        group: str | None = None,
     ) -> None:
         super().__init__(base_url, api_key, verify, chat_template_name)
         self.on_generation = on_generation
+        self.group = group
         self.history: list[SentGeneration] = []
         self._lock = threading.Lock()
 
@@ -189,13 +198,31 @@ class TokenDanceEndpoint(RuntimeEndpoint):
                 data[item] = getattr(sp, item)
         self._add_images(s, data)
         rnd = s.variables.get(ROUND_VAR)
-        if not (isinstance(rnd, tuple) and len(rnd) == 3):
+        if not (isinstance(rnd, tuple) and len(rnd) == 4):
             return data, None
+        round_id, size, agent, group = rnd
+        group = group if group is not None else self.group
         segs = segments_of(s)
-        text, hints = build_request([(t, i, x) for t, i, x, _ in segs], rnd[0], rnd[1], rnd[2])
+        triples = [(t, i, x) for t, i, x, _ in segs]
+        text, hints = build_request(triples, round_id, size, agent, group=group)
         assert text == s.text_, "segments must tile the state's text"
         data["kv_hints"] = hints
-        return data, SentGeneration(rnd[0], rnd[1], rnd[2], segs, int(sp.max_new_tokens or 0))
+        sent = SentGeneration(round_id, size, agent, segs, int(sp.max_new_tokens or 0), group)
+        return data, sent
+
+    def _post(self, data: dict[str, Any], stream: bool) -> requests.Response:
+        """POST /generate with the routing header (SGLang's http_request sends no headers)."""
+        headers = {"Content-Type": "application/json; charset=utf-8"}
+        if self.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        headers.update(routing_headers(data.get("kv_hints")))
+        return requests.post(
+            self.base_url + "/generate",
+            json=data,
+            stream=stream,
+            headers=headers,
+            verify=self.verify if self.verify is not None else True,
+        )
 
     def _done(self, sent: SentGeneration | None, text: str, meta: dict[str, Any]) -> None:
         if sent is None:
@@ -209,9 +236,7 @@ class TokenDanceEndpoint(RuntimeEndpoint):
     def generate(self, s: StreamExecutor, sampling_params: SglSamplingParams) -> Any:
         """As RuntimeEndpoint.generate, with the state's TokenDance hint attached."""
         data, sent = self._body(s, sampling_params)
-        res = http_request(
-            self.base_url + "/generate", json=data, api_key=self.api_key, verify=self.verify
-        )
+        res = self._post(data, stream=False)
         self._assert_success(res)
         obj = res.json()
         self._done(sent, obj["text"], obj["meta_info"])
@@ -225,13 +250,7 @@ class TokenDanceEndpoint(RuntimeEndpoint):
 
         data, sent = self._body(s, sampling_params)
         data["stream"] = True
-        res = http_request(
-            self.base_url + "/generate",
-            json=data,
-            stream=True,
-            api_key=self.api_key,
-            verify=self.verify,
-        )
+        res = self._post(data, stream=True)
         self._assert_success(res)
         pos, out, meta = 0, "", {}
         for line in res.iter_lines(decode_unicode=False):

@@ -10,16 +10,23 @@ envelope with one action::
                   "payload": {"round": "r3", "round_size": 8, "agent": "alice",
                               "segments": [{"type": "private", "start": 0, "end": 120},
                                            {"type": "shared", "id": "r2/bob",
-                                            "start": 120, "end": 310}, ...]}}]}
+                                            "start": 120, "end": 310}, ...],
+                              "group": "sim-7"}}]}
 
 ``start``/``end`` are character offsets into the prompt text; the spans must tile it exactly,
-in order. Text-only clients (OpenAI-style) instead put separators in the prompt (see
-:func:`parse_separated`). Either way the server tokenizes every segment on its own, so equal
-shared text gives equal token ids wherever it sits.
+in order. ``group`` (optional) is the routing key: the simulation or session the round belongs
+to. Every round of one group goes to the same place (the same DP rank inside a server, the same
+worker behind SGLang's gateway ``smg``), so a round is seen whole and round r+1 finds round r's
+masters. Without it the group is derived from the round id (:func:`default_group`). Clients
+also send it as the HTTP header ``X-SMG-Routing-Key`` (:func:`routing_headers`), which the
+gateway's ``consistent_hashing`` policy reads. Text-only clients (OpenAI-style) instead put
+separators in the prompt (see :func:`parse_separated`). Either way the server tokenizes every
+segment on its own, so equal shared text gives equal token ids wherever it sits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +36,49 @@ ACTION_TYPE = "tokendance.allgather"
 ACTION_VERSION = "1"
 PROTOCOL_VERSION = "1"
 SEGMENT_TYPES = ("private", "shared")
+ROUTING_HEADER = "X-SMG-Routing-Key"
+_GROUP_SEPARATORS = "/:"
+_ROUND_NUMBER_TAIL = "0123456789-_. "
+
+
+def default_group(round_id: str | int) -> str:
+    """The routing group of a round that names none: its simulation, read off the round id.
+
+    The rule: the part before the last ``/`` or ``:`` if the id has one (``"sim-7/r3"`` ->
+    ``"sim-7"``); otherwise the id without its trailing round number (digits and ``-_. ``:
+    ``"t3"`` -> ``"t"``, ``"debate-12"`` -> ``"debate"``); an id that is only a number is its
+    own group (``"3"`` -> ``"3"``). So the rounds of one simulation share a group by default
+    as long as their ids differ only in the trailing number; send ``group`` explicitly where
+    they do not.
+    """
+    rid = str(round_id)
+    cut = max(rid.rfind(c) for c in _GROUP_SEPARATORS)
+    if cut > 0:
+        return rid[:cut]
+    stem = rid.rstrip(_ROUND_NUMBER_TAIL)
+    return stem or rid
+
+
+def group_of(hint: AgentHint) -> str:
+    """The hint's routing group: its ``group``, or :func:`default_group` of its round."""
+    return hint.group if hint.group is not None else default_group(hint.round)
+
+
+def stable_rank(group: str, n: int) -> int:
+    """The rank in ``[0, n)`` a group is pinned to (a hash stable across processes and runs)."""
+    digest = hashlib.sha1(group.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % max(1, n)
+
+
+def routing_headers(kv_hints: dict[str, Any] | None) -> dict[str, str]:
+    """The ``X-SMG-Routing-Key`` header for a request with these hints ({} without a hint)."""
+    if not kv_hints:
+        return {}
+    payload = find_action(kv_hints)
+    if not isinstance(payload, dict) or "round" not in payload:
+        return {}
+    group = payload.get("group")
+    return {ROUTING_HEADER: str(group) if group else default_group(payload["round"])}
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,6 +101,7 @@ class AgentHint:
     round_size: int
     agent: str
     segments: tuple[SegmentSpan, ...]
+    group: str | None = None
 
     def to_payload(self) -> dict[str, Any]:
         segs = []
@@ -61,12 +112,15 @@ class AgentHint:
             if s.tok_end >= 0:
                 d["tok_start"], d["tok_end"] = s.tok_start, s.tok_end
             segs.append(d)
-        return {
+        out: dict[str, Any] = {
             "round": self.round,
             "round_size": self.round_size,
             "agent": self.agent,
             "segments": segs,
         }
+        if self.group is not None:
+            out["group"] = self.group
+        return out
 
 
 class HintError(ValueError):
@@ -106,6 +160,11 @@ def parse_payload(payload: Any, text_len: int | None) -> AgentHint:
     )
     agent = payload.get("agent")
     _require(isinstance(agent, str) and agent != "", "'agent' must be a non-empty string")
+    group = payload.get("group")
+    _require(
+        group is None or (isinstance(group, str) and group != ""),
+        f"'group' must be a non-empty string when given, got {group!r}",
+    )
     segs = payload.get("segments")
     _require(isinstance(segs, list) and len(segs) > 0, "'segments' must be a non-empty list")
     out: list[SegmentSpan] = []
@@ -138,7 +197,7 @@ def parse_payload(payload: Any, text_len: int | None) -> AgentHint:
         pos = end
     if text_len is not None:
         _require(pos == text_len, f"spans end at {pos} but the text has {text_len} characters")
-    return AgentHint(str(rnd), size, agent, tuple(out))
+    return AgentHint(str(rnd), size, agent, tuple(out), group)
 
 
 def find_action(envelope: Any) -> dict[str, Any] | None:
@@ -192,7 +251,7 @@ def tokenize_segments(
         ids.extend(part)
     for s in segs:
         _require(s.tok_end > s.tok_start, f"segment [{s.start}, {s.end}) tokenizes to nothing")
-    return ids, AgentHint(hint.round, hint.round_size, hint.agent, tuple(segs))
+    return ids, AgentHint(hint.round, hint.round_size, hint.agent, tuple(segs), hint.group)
 
 
 # ---- client side ------------------------------------------------------------------------------
@@ -201,16 +260,20 @@ def build_request(
     round_id: str | int,
     round_size: int,
     agent: str,
+    group: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Build the prompt text and the kv_hints envelope for one agent's request.
 
     Args:
         segments: ``(type, id, text)`` per segment, in prompt order (id None for private).
         round_id, round_size, agent: the round this request belongs to.
+        group: the routing key (the simulation); None: :func:`default_group` of the round id
+            (the payload then carries no ``group``, and the server derives the same).
 
     Returns:
         ``(text, kv_hints)``: pass them as ``text`` and ``kv_hints`` to /generate (or as
-        ``prompt`` and the extra body field ``kv_hints`` to the OpenAI routes).
+        ``prompt`` and the extra body field ``kv_hints`` to the OpenAI routes), with
+        :func:`routing_headers` ``(kv_hints)`` as HTTP headers.
     """
     spans, pos, parts = [], 0, []
     for typ, sid, seg_text in segments:
@@ -222,7 +285,14 @@ def build_request(
         spans.append(d)
         parts.append(seg_text)
         pos += len(seg_text)
-    payload = {"round": str(round_id), "round_size": round_size, "agent": agent, "segments": spans}
+    payload: dict[str, Any] = {
+        "round": str(round_id),
+        "round_size": round_size,
+        "agent": agent,
+        "segments": spans,
+    }
+    if group is not None:
+        payload["group"] = group
     text = "".join(parts)
     parse_payload(payload, len(text))  # fail early on the client
     envelope = {
@@ -247,13 +317,18 @@ def build_separated(
     round_size: int,
     agent: str,
     sep: str,
+    group: str | None = None,
 ) -> str:
     """The same request as plain text for text-only clients.
 
-    Layout: ``SEP round=R;size=N;agent=A SEP`` then each segment as ``SEP@shared:ID SEP text``
-    or ``SEP@private SEP text``. The separators and headers are removed by the server.
+    Layout: ``SEP round=R;size=N;agent=A[;group=G] SEP`` then each segment as
+    ``SEP@shared:ID SEP text`` or ``SEP@private SEP text``. The separators and headers are
+    removed by the server.
     """
-    out = [f"{sep}round={round_id};size={round_size};agent={agent}{sep}"]
+    head = f"round={round_id};size={round_size};agent={agent}"
+    if group is not None:
+        head += f";group={group}"
+    out = [f"{sep}{head}{sep}"]
     for typ, sid, seg_text in segments:
         tag = f"@shared:{sid}" if typ == "shared" else "@private"
         out.append(f"{sep}{tag}{sep}{seg_text}")
@@ -311,4 +386,6 @@ def parse_separated(text: str, sep: str) -> tuple[str, dict[str, Any]] | None:
         "agent": fields["agent"],
         "segments": segs,
     }
+    if "group" in fields:
+        payload["group"] = fields["group"]
     return "".join(clean), payload

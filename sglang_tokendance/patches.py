@@ -1,7 +1,8 @@
 """The touch-point table: what of SGLang the plugin depends on, read from ``patches/``.
 
 ``patches/sglang-<version>/touchpoints.toml`` lists every hook, registry entry, subclass,
-private name, in-place rewrite and record the plugin has in SGLang (see the file's header).
+private name, public name read outside a hook, in-place rewrite and record the plugin has in
+SGLang (see the file's header).
 :func:`install_hooks` registers the table's hooks with SGLang's HookRegistry (the only place
 the package calls ``HookRegistry.register``) and :func:`check_names` verifies, at startup, that
 every target exists in the installed SGLang.
@@ -18,7 +19,7 @@ from typing import Any, NamedTuple
 from sglang_tokendance import SGLANG_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("hook", "registry", "subclass", "private", "rewrite", "attribute", "fix")
+KINDS = ("hook", "registry", "subclass", "private", "public", "rewrite", "attribute", "fix")
 
 
 class TouchPoint(NamedTuple):

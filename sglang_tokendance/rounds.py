@@ -6,13 +6,17 @@ are in, or when ``timeout_s`` has passed since its first request arrived (then i
 agents present). Requests that arrive for a round already released ("late arrivals") are
 released at once, never held again. An aborted request leaves its round, and the round's
 expected size shrinks by one, so one missing agent never blocks the others.
+
+Under tensor parallelism every TP rank runs its own barrier over the same requests in the same
+order, but their clocks differ: the caller then asks one rank for :meth:`RoundBarrier.expired`
+and passes that list to every rank's :meth:`RoundBarrier.poll`, so the timeout is decided once.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
@@ -92,9 +96,20 @@ class RoundBarrier(Generic[T]):
         self._late = kept
         return dropped
 
-    def poll(self) -> list[Release[T]]:
-        """Rounds ready to run now (complete or timed out), and late arrivals."""
+    def expired(self) -> list[str]:
+        """Pending rounds whose timeout has passed by this barrier's clock (oldest first)."""
         now = self.clock()
+        return [r for r, p in self._pending.items() if now - p.first_arrival >= self.timeout_s]
+
+    def poll(self, expired: Collection[str] | None = None) -> list[Release[T]]:
+        """Rounds ready to run now (complete or timed out), and late arrivals.
+
+        Args:
+            expired: the rounds to release on timeout (decided elsewhere: tensor parallel
+                ranks share rank 0's :meth:`expired`); None: this barrier's own clock decides.
+        """
+        now = self.clock()
+        timed_out = set(self.expired() if expired is None else expired)
         out: list[Release[T]] = []
         if self._late:
             out.append(Release("", self._late, "late", 0.0))
@@ -105,7 +120,7 @@ class RoundBarrier(Generic[T]):
             expected = rnd.size - rnd.aborted
             if len(rnd.members) >= expected:
                 reason = "complete"
-            elif waited >= self.timeout_s:
+            elif round_id in timed_out:
                 reason = "timeout"
             else:
                 continue
@@ -116,6 +131,10 @@ class RoundBarrier(Generic[T]):
             if rnd.members:
                 out.append(Release(round_id, list(rnd.members.values()), reason, waited))
         return out
+
+    def pending(self) -> int:
+        """Number of rounds still collecting agents."""
+        return len(self._pending)
 
     def held(self) -> int:
         """Number of requests currently held."""

@@ -6,7 +6,11 @@
   everything with TokenDance off, take SGLang's path unchanged.
 - ``get_next_batch_to_run`` (before): released rounds are planned by the collector and their
   requests queued (through SGLang's own ``_add_request_to_queue``, not the hooked one); agents
-  waiting for masters are queued as the masters appear.
+  waiting for masters are queued as the masters appear. Under tensor parallelism (tp > 1)
+  every rank holds the same rounds (SGLang broadcasts each request to all TP ranks in the same
+  order), but the timeout is wall-clock: TP rank 0 decides which rounds time out and
+  broadcasts that list over the TP CPU group at this fixed point of every iteration in which a
+  round is pending, so every rank releases, plans, selects and evicts alike.
 - ``process_batch_result`` (before): after a prefill forward, the collector promotes masters
   and attaches mirrors, before SGLang may release a finished request; the accounting sees
   every batch.
@@ -28,6 +32,7 @@ from sglang_tokendance.attention.deviation import get_probe_board
 from sglang_tokendance.attention.mirror_deviation import get_mirror_judge
 from sglang_tokendance.collector import Collector
 from sglang_tokendance.config import TokenDanceConfig, get_config
+from sglang_tokendance.metrics import TokenDanceMetrics, scheduler_ranks
 from sglang_tokendance.rounds import RoundBarrier
 from sglang_tokendance.state import attach, layout_of, state_of
 from sglang_tokendance.watch import IntegrityWatch
@@ -53,6 +58,10 @@ class TokenDanceScheduler:
         self.started = time.monotonic()
         self.members: dict[tuple[str, str], Any] = {}  # (round, agent) -> latest request
         self.watch = IntegrityWatch() if IntegrityWatch.enabled() else None
+        self.ranks = scheduler_ranks(scheduler)
+        self.metrics = (
+            TokenDanceMetrics.create(scheduler, self.ranks) if self.ranks.tp == 0 else None
+        )
         # SGLang's own _add_request_to_queue (captured by the around hook on first use), so
         # released requests are queued without passing through the plugin's hook again.
         self.enqueue: Callable[[Any], Any] | None = None
@@ -124,10 +133,23 @@ class TokenDanceScheduler:
             else:  # not reached in a server (requests arrive through the hook first)
                 self.scheduler.waiting_queue.append(req)
 
+    def shared_expired(self) -> list[str] | None:
+        """The rounds to release on timeout, decided by TP rank 0 and shared with every TP
+        rank (None with one TP rank: the barrier's own clock decides). Called by all TP ranks
+        at the same point of the same iteration; whether a round is pending is the same on
+        all of them (same requests, same order), so they all call the collective or none."""
+        group = self.scheduler.tp_group if self.ranks.tp_size > 1 else None
+        if group is None or not self.barrier.pending():
+            return None
+        from sglang.srt.utils.common import broadcast_pyobj
+
+        mine = self.barrier.expired() if group.rank_in_group == 0 else []
+        return list(broadcast_pyobj(mine, group.rank, group.cpu_group, src=group.ranks[0]))
+
     def poll(self) -> None:
         """Release complete / timed-out rounds and late arrivals."""
         counters = self.acct.counters
-        for rel in self.barrier.poll():
+        for rel in self.barrier.poll(self.shared_expired()):
             if rel.reason == "late":
                 counters.late_arrivals += len(rel.requests)
                 for req in rel.requests:
@@ -167,6 +189,8 @@ class TokenDanceScheduler:
         self.acct.observe_batch(
             batch.reqs, batch.forward_mode.is_extend(), used, int(alloc.size), queued
         )
+        if self.metrics is not None:
+            self.metrics.update(self, batch.forward_mode.is_extend())
 
     def abort(self, rid: str, abort_all: bool) -> None:
         def match(req: Any) -> bool:

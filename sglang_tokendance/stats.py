@@ -2,7 +2,10 @@
 
 The scheduler adds a ``tokendance`` entry to SGLang's internal state (the same channel as
 ``/server_info``); the route reads it back through the TokenizerManager. Bytes come from the
-real KV pool (layers x K/V heads x head_dim x dtype size).
+real KV pool (layers x K/V heads x head_dim x dtype size). With ``--dp-size N`` (N > 1) every
+DP rank has its own scheduler, cache and counters: the route answers ``{"dp_size": N, "dp":
+[one dict per rank, each with its dp_rank], "total": counters summed over the ranks,
+"per_round": every rank's rounds, each with its dp_rank}``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         return out
     store = cache.stats(bpt) if hasattr(cache, "stats") else {}
     c = td.acct.counters
+    ledger = getattr(cache, "ledger", None)
     out.update(
+        dp_rank=td.ranks.dp,
+        tp_size=td.ranks.tp_size,
+        all_rounds_store=ledger.totals() if ledger is not None else None,
         mode=td.cfg.mode,
         config=td.cfg.to_dict(),
         store=store,
@@ -90,6 +97,48 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         out["kv_bytes_per_agent"] = last["kv_bytes_per_agent"]
         out["dense_kv_bytes_per_agent"] = last["dense_kv_bytes_per_agent"]
     return out
+
+
+SUMMED = (
+    "rounds", "requests", "prompt_tokens", "prefill_tokens_computed", "reused_master_tokens",
+    "recompute_tokens", "masters_created", "author_masters_used", "rounds_timed_out",
+    "late_arrivals", "retries", "master_tokens", "mirror_tokens", "held_requests",
+    "kv_tokens_peak", "kv_bytes_peak", "pool_tokens",
+)  # fmt: skip
+STORE_SUMMED = ("mirrors", "mirror_tokens", "dense_equiv_tokens", "stored_tokens")
+
+
+def combine(per_dp: list[dict[str, Any]]) -> dict[str, Any]:
+    """The route's answer for several DP ranks: each rank's stats and their total."""
+    # the schedulers answer in any order
+    per_dp = sorted(per_dp, key=lambda d: int(d.get("dp_rank") or 0))
+    total: dict[str, Any] = {key: sum(int(d.get(key) or 0) for d in per_dp) for key in SUMMED}
+    store = {
+        key: sum(int((d.get("all_rounds_store") or {}).get(key) or 0) for d in per_dp)
+        for key in STORE_SUMMED
+    }
+    stored = store["stored_tokens"]
+    store["compression_ratio"] = store["dense_equiv_tokens"] / stored if stored else None
+    total["all_rounds_store"] = store
+    states = {d.get("integrity") for d in per_dp}
+    total["integrity"] = (
+        "ok"
+        if states == {"ok"}
+        else ("busy" if "busy" in states else "/".join(sorted(str(s) for s in states)))
+    )
+    per_round = [
+        {**r, "dp_rank": d.get("dp_rank", i)}
+        for i, d in enumerate(per_dp)
+        for r in d.get("per_round") or []
+    ]
+    return {
+        "enabled": any(d.get("enabled") for d in per_dp),
+        "dp_size": len(per_dp),
+        "dp": per_dp,
+        "total": total,
+        "per_round": per_round,
+        "integrity": total["integrity"],
+    }
 
 
 def _integrity(scheduler: Any, td: Any) -> str:
@@ -142,7 +191,6 @@ def add_route() -> None:
     async def tokendance_stats() -> Any:
         states = await http_server._global_state.tokenizer_manager.get_internal_state()
         per_dp = [s.get("tokendance", {}) for s in states]
-        body = per_dp[0] if len(per_dp) == 1 else {"dp": per_dp}
-        return ORJSONResponse(body)
+        return ORJSONResponse(per_dp[0] if len(per_dp) == 1 else combine(per_dp))
 
     app.add_api_route(ROUTE, tokendance_stats, methods=["GET"])

@@ -22,6 +22,7 @@ SGLang's ``ReqToTokenPool`` like the position table (one scheduler process per G
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,7 @@ def context_deviation(
     key_pos: torch.Tensor,
     seg_start: int,
     scaling: float | None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Relative deviation of each query's attention output without its context.
 
@@ -93,6 +95,9 @@ def context_deviation(
         query_pos, key_pos: int64 true positions of queries and keys.
         seg_start: first position of the segment: keys before it are "context".
         scaling: softmax scale (None: SDPA's default).
+        reduce: under tensor parallelism, a sum over the TP ranks (each holds some heads):
+            squared norms add over heads, so every rank gets the score over all heads and
+            picks the same recompute set.
 
     Returns:
         float32 ``[n]``: ``|o_full - o_seg| / |o_full|`` over all heads.
@@ -108,4 +113,7 @@ def context_deviation(
         for m in (full, seg)
     ]
     o_full, o_seg = (o.squeeze(0).movedim(1, 0).float().flatten(1) for o in outs)
-    return (o_full - o_seg).norm(dim=1) / o_full.norm(dim=1).clamp_min(1e-6)
+    sq = torch.stack([(o_full - o_seg).square().sum(dim=1), o_full.square().sum(dim=1)])
+    if reduce is not None:
+        sq = reduce(sq)
+    return sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-6)

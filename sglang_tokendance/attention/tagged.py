@@ -246,7 +246,19 @@ class TaggedAttention:
                         continue
                     dev = context_deviation(
                         q_[start:end][sel], keys, values, qpos[sel], plan.key_pos, p.start,
-                        layer.scaling,
+                        layer.scaling, _tp_sum(),
                     )  # fmt: skip
                     p.scores[(qpos[sel] - p.start).cpu()] = dev.cpu()
             start = end
+
+
+def _tp_sum() -> Any:
+    """A sum over the TP ranks when there are several (deviation scores over all heads)."""
+    from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+
+    try:
+        many = get_tensor_model_parallel_world_size() > 1
+    except (AssertionError, AttributeError, RuntimeError):  # no TP group (unit tests)
+        return None
+    return tensor_model_parallel_all_reduce if many else None

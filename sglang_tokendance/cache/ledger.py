@@ -49,6 +49,8 @@ class RoundLedger:
     def __init__(self, max_rounds: int = MAX_ROUNDS) -> None:
         self._rounds: OrderedDict[str, RoundRecord] = OrderedDict()
         self._max = max_rounds
+        self.total = RoundRecord()  # every round since start (never forgotten; not its masters)
+        self.total_stored_tokens = 0  # per round: masters read through + mirror slots
 
     def record(self, mirror: Mirror) -> None:
         """Count ``mirror`` (just attached) in its round."""
@@ -62,14 +64,28 @@ class RoundLedger:
             rec = self._rounds[rid] = RoundRecord()
             while len(self._rounds) > self._max:
                 self._rounds.popitem(last=False)
-        rec.mirrors += 1
-        rec.mirror_tokens += slots
-        rec.dense_equiv_tokens += node.length
+        self.total_stored_tokens += slots + (0 if node.node_id in rec.node_lengths else node.length)
+        for r in (rec, self.total):
+            r.mirrors += 1
+            r.mirror_tokens += slots
+            r.dense_equiv_tokens += node.length
         rec.node_lengths[node.node_id] = node.length
 
     def stats(self, round_id: str) -> dict[str, float | int | None]:
         """The round's storage view (all zero, ratio None, for a round without mirrors)."""
         return self._rounds.get(round_id, RoundRecord()).stats()
+
+    def totals(self) -> dict[str, float | int | None]:
+        """Views of every round since start: mirrors, mirror slots, what dense copies would
+        have cost, what was stored (each round's masters once, plus its mirror slots)."""
+        t, stored = self.total, self.total_stored_tokens
+        return {
+            "mirrors": t.mirrors,
+            "mirror_tokens": t.mirror_tokens,
+            "dense_equiv_tokens": t.dense_equiv_tokens,
+            "stored_tokens": stored,
+            "compression_ratio": t.dense_equiv_tokens / stored if stored else None,
+        }
 
     def clear(self) -> None:
         self._rounds.clear()

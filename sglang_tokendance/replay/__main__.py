@@ -2,7 +2,8 @@
 
 ``python -m sglang_tokendance.replay TRACE [--url URL] [--mode tokendance|pic|off]
 [--closed-loop] [--report FILE.json] [--concurrency K] [--model tiny|small|DIR]
-[--max-rounds R] [--round-prefix P] [--server-args "..."] [--save-prompts] [--no-progress]``
+[--max-rounds R] [--round-prefix P] [--group G] [--server-args "..."] [--save-prompts]
+[--no-progress]``
 
 Without ``--url`` an embedded CPU server is started (the tiny Llama unless ``--model``, with
 ``--enable-tokendance --tokendance-mode MODE``) and always stopped at the end.
@@ -91,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "server that has already seen these rounds",
     )
     ap.add_argument(
+        "--group",
+        default=None,
+        metavar="G",
+        help="routing key sent as the hint's group and the X-SMG-Routing-Key header (default: "
+        "the trace header's group, else derived from the round ids)",
+    )
+    ap.add_argument(
         "--save-prompts",
         action="store_true",
         help="include every prompt sent (and its kv_hints) in the report",
@@ -113,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             honor_arrival=not args.ignore_arrival,
             progress=not args.no_progress,
             round_prefix=args.round_prefix,
+            group=args.group,
         )
     except (TraceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

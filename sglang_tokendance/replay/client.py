@@ -81,15 +81,17 @@ async def generate(
     max_new_tokens: int,
     *,
     stream: bool = True,
+    headers: dict[str, str] | None = None,
 ) -> GenerateResult:
-    """Send one request to ``url``/generate and wait for the whole answer.
+    """Send one request to ``url``/generate and wait for the whole answer (``headers``: e.g.
+    the routing key, :func:`sglang_tokendance.hints.routing_headers`).
 
     Raises:
         ServerError: on a non-200 answer or an error object inside the stream.
     """
     body = generate_payload(text, kv_hints, max_new_tokens, stream=stream)
     t0 = time.perf_counter()
-    async with session.post(url.rstrip("/") + "/generate", json=body) as resp:
+    async with session.post(url.rstrip("/") + "/generate", json=body, headers=headers) as resp:
         if resp.status != 200:
             raise ServerError(resp.status, await resp.text())
         if not stream:

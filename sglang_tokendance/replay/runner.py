@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import aiohttp
 from tqdm import tqdm
 
-from sglang_tokendance.hints import build_request
+from sglang_tokendance.hints import build_request, routing_headers
 from sglang_tokendance.replay.client import (
     ServerError,
     fetch_server_info,
@@ -67,6 +67,9 @@ class ReplayOptions:
     honor_arrival: bool = True
     progress: bool = True
     round_prefix: str = ""
+    # The routing key (hint ``group`` and X-SMG-Routing-Key header); None: the trace header's
+    # ``group``, else the server derives it from the round ids (hints.default_group).
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -87,6 +90,7 @@ class SentRequest:
     segments: list[Segment]
     kv_hints: dict[str, Any] | None
     max_tokens: int
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -157,15 +161,22 @@ def closed_loop_segments(
 
 
 def build_sent(
-    req: TraceRequest, segments: list[Segment], mode: str, size: int, prefix: str = ""
+    req: TraceRequest,
+    segments: list[Segment],
+    mode: str,
+    size: int,
+    prefix: str = "",
+    group: str | None = None,
 ) -> SentRequest:
-    """The prompt text (and hint unless mode is off; round id ``<prefix>r<N>``) of a request."""
+    """The prompt text (and hint unless mode is off; round id ``<prefix>r<N>``) of a request,
+    with its routing header (every mode: the gateway routes mode off the same way)."""
     triples = [(s.type, s.id, s.text) for s in segments]
+    round_id = f"{prefix}r{req.round}"
+    text, hints = build_request(triples, round_id, size, req.agent, group=group)
+    headers = routing_headers(hints)
     if mode == "off":
-        text, hints = "".join(t for _, _, t in triples), None
-    else:
-        text, hints = build_request(triples, f"{prefix}r{req.round}", size, req.agent)
-    return SentRequest(req.round, req.agent, text, segments, hints, req.max_tokens)
+        hints = None
+    return SentRequest(req.round, req.agent, text, segments, hints, req.max_tokens, headers)
 
 
 async def _one(
@@ -181,7 +192,9 @@ async def _one(
     rec = RequestRecord(sent.round, sent.agent)
     async with sem:
         try:
-            res = await generate(session, url, sent.text, sent.kv_hints, sent.max_tokens)
+            res = await generate(
+                session, url, sent.text, sent.kv_hints, sent.max_tokens, headers=sent.headers
+            )
         except (TimeoutError, ServerError, aiohttp.ClientError, OSError, ValueError) as e:
             rec.error = f"{type(e).__name__}: {e}"
             logger.error("round %d agent %s failed: %s", sent.round, sent.agent, rec.error)
@@ -207,6 +220,7 @@ async def replay_async(
     if opts.max_rounds is not None:
         rounds = rounds[: opts.max_rounds]
     widest = max((len(reqs) for _, reqs in rounds), default=1)
+    group = opts.group if opts.group is not None else trace.header.group
     sem = asyncio.Semaphore(opts.concurrency or widest)
     records: list[RoundRecord] = []
     all_sent: list[SentRequest] = []
@@ -221,7 +235,7 @@ async def replay_async(
                 segs = req.segments
                 if opts.closed_loop and generated:
                     segs = closed_loop_segments(req, generated, recorded)
-                sent.append(build_sent(req, segs, opts.mode, len(reqs), opts.round_prefix))
+                sent.append(build_sent(req, segs, opts.mode, len(reqs), opts.round_prefix, group))
             for s in sent:
                 if on_request is not None:
                     on_request(s)

@@ -22,7 +22,7 @@ VERSION = 1
 SEGMENT_TYPES: tuple[str, ...] = ("private", "shared")
 SegmentType = Literal["private", "shared"]
 
-HEADER_KEYS = ("format", "version", "workload", "agents", "rounds", "source")
+HEADER_KEYS = ("format", "version", "workload", "agents", "rounds", "source", "group")
 REQUEST_KEYS = ("round", "agent", "segments", "max_tokens", "output", "arrival_s")
 SEGMENT_KEYS = ("type", "id", "source", "text")
 
@@ -90,6 +90,9 @@ class TraceHeader:
     agents: list[str]
     rounds: int
     source: str
+    # The routing key of the whole simulation (optional; traces written before it validate):
+    # the replayer sends it as the hint's ``group`` and the X-SMG-Routing-Key header.
+    group: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +105,8 @@ class TraceHeader:
             "rounds": self.rounds,
             "source": self.source,
         }
+        if self.group is not None:
+            d["group"] = self.group
         _merge_extra(d, self.extra, HEADER_KEYS)
         return d
 

@@ -124,12 +124,16 @@ class _Checker:
             self.err(line, f"header field 'rounds' must be at least 1, got {rounds}")
         elif rounds is not None:
             self.rounds = rounds
+        group = obj.get("group")
+        if group is not None and not (isinstance(group, str) and group):
+            self.err(line, f"header field 'group' must be a non-empty string, got {group!r}")
+            ok = False
         if not ok or None in (fmt, version, workload, source, self.agents, self.rounds):
             return None
         extra = {k: v for k, v in obj.items() if k not in HEADER_KEYS}
         return TraceHeader(
             format=fmt, version=version, workload=workload, agents=list(agents),
-            rounds=rounds, source=source, extra=extra,
+            rounds=rounds, source=source, group=group, extra=extra,
         )  # fmt: skip
 
     def segment(self, obj: Any, line: int, idx: int, rnd: int | None) -> Segment | None:
