@@ -129,7 +129,13 @@ def reference(url: str, spec: TraceSpec, args: argparse.Namespace) -> dict[str, 
     if not good:
         raise RuntimeError(f"the reference probe failed: {runs[0]['first_error']}")
     ms = statistics.median(good)
-    return {"agents": args.ref_agents, "latency_ms": round(ms, 2), "samples_ms": good}
+    return {
+        "agents": args.ref_agents,
+        "latency_ms": round(ms, 2),
+        "samples_ms": good,
+        # per run: every round's latency and the load, to see a noisy reference afterwards
+        "runs": [{k: p[k] for k in ("round_latencies_ms", "loadavg_1min", "all_ok")} for p in runs],
+    }
 
 
 def run_workload(
