@@ -129,7 +129,13 @@ def reference(url: str, spec: TraceSpec, args: argparse.Namespace) -> dict[str, 
     if not good:
         raise RuntimeError(f"the reference probe failed: {runs[0]['first_error']}")
     ms = statistics.median(good)
-    return {"agents": args.ref_agents, "latency_ms": round(ms, 2), "samples_ms": good}
+    return {
+        "agents": args.ref_agents,
+        "latency_ms": round(ms, 2),
+        "samples_ms": good,
+        # per run: every round's latency and the load, to see a noisy reference afterwards
+        "runs": [{k: p[k] for k in ("round_latencies_ms", "loadavg_1min", "all_ok")} for p in runs],
+    }
 
 
 def run_workload(
@@ -276,8 +282,8 @@ def markdown(result: dict[str, Any]) -> str:
     for workload, w in result["workloads"].items():
         lines += [
             "",
-            f"**{workload}**: SLO {w['slo_ms']:.0f} ms ({w['slo_source']}; reference "
-            f"{w['reference']}), at most {w['max_agents']} agents.",
+            f"**{workload}**: SLO {w['slo_ms']:.0f} ms ({w['slo_source']}{_ref(w)}), at most "
+            f"{w['max_agents']} agents.",
             "",
             "| mode | capacity (agents) | probes (N: served, worst round ms) |",
             "|---|---|---|",
@@ -291,6 +297,13 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {m} | {cap}{' (capped)' if v['capped'] else ''} | {pr} |")
         lines += [f"\n{k}: {r}x" for k, r in w["ratios"].items()]
     return "\n".join(lines)
+
+
+def _ref(w: dict[str, Any]) -> str:
+    ref = w.get("reference")
+    if not ref:
+        return ""
+    return f"; off at {ref['agents']} agents: {ref['latency_ms']:.0f} ms, runs {ref['samples_ms']}"
 
 
 def summary_line(result: dict[str, Any]) -> str:
