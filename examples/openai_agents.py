@@ -28,13 +28,8 @@ import openai
 import requests
 
 from sglang_tokendance.config import DEFAULT_SEPARATOR
-from sglang_tokendance.hints import (
-    ROUTING_HEADER,
-    build_request,
-    build_separated,
-    default_group,
-    routing_headers,
-)
+from sglang_tokendance.hints import build_request, build_separated
+from sglang_tokendance.routing import ROUTING_HEADER, default_group, routing_headers
 
 NAMES = ["Amara Okafor", "Bastian Lindqvist", "Chiara Nakamura", "Dmitri Haddad", "Elena Moreau"]
 NAMES += ["Farid Castillo", "Greta Patel", "Hiroshi Brennan", "Imani Silva", "Jonas Yilmaz"]

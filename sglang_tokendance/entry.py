@@ -8,7 +8,7 @@ For a request carrying a TokenDance hint (kv_hints action or the text-separator 
    sits, and hands SGLang the concatenated ``input_ids``,
 4. rewrites the envelope's payload with the token spans, for the scheduler,
 5. with ``--dp-size N`` (N > 1), pins the request to the DP rank of its group (a stable hash,
-   :func:`hints.stable_rank`) through SGLang's ``routed_dp_rank``, so a round and the rounds
+   :func:`routing.stable_rank`) through SGLang's ``routed_dp_rank``, so a round and the rounds
    after it run on one rank; a rank the client chose itself is kept. Hint-less requests keep
    SGLang's load balancing.
 
@@ -31,12 +31,11 @@ from sglang_tokendance.hints import (
     AgentHint,
     HintError,
     find_action,
-    group_of,
     parse_payload,
     parse_separated,
-    stable_rank,
     tokenize_segments,
 )
+from sglang_tokendance.routing import group_of, stable_rank
 
 logger = logging.getLogger(__name__)
 

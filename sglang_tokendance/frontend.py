@@ -35,7 +35,8 @@ from sglang.lang.global_config import global_config
 from sglang.lang.interpreter import ProgramState, ProgramStateGroup, StreamExecutor
 from sglang.lang.ir import SglSamplingParams
 
-from sglang_tokendance.hints import build_request, routing_headers
+from sglang_tokendance.hints import build_request
+from sglang_tokendance.routing import routing_headers
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def begin_round(
     """Mark the following generations of ``states[i]`` as agent ``agents[i]`` of ``round_id``
     (round size: ``len(states)``). ``group``: the routing key (the simulation), sent in the
     hint and as the X-SMG-Routing-Key header; None: the endpoint's, else derived from the
-    round id (:func:`sglang_tokendance.hints.default_group`)."""
+    round id (:func:`sglang_tokendance.routing.default_group`)."""
     states = _list(states)
     if len(states) != len(agents):
         raise ValueError(f"{len(states)} states but {len(agents)} agents")

@@ -3,7 +3,7 @@
 A round is shared only where its masters are, and round r+1 reuses round r's outputs only on
 the server that produced them, so every round of a simulation must reach the same worker. The
 gateway's ``consistent_hashing`` policy does that from the ``X-SMG-Routing-Key`` header, which
-every client of this project sends (the hint's group, :func:`hints.routing_headers`); the
+every client of this project sends (the hint's group, :func:`routing.routing_headers`); the
 ``kv_hints`` body field passes through unchanged. ``GatewayProcess`` runs::
 
     smg launch --host H --port P --worker-urls URL... --policy consistent_hashing

@@ -17,8 +17,8 @@ envelope with one action::
 in order. ``group`` (optional) is the routing key: the simulation or session the round belongs
 to. Every round of one group goes to the same place (the same DP rank inside a server, the same
 worker behind SGLang's gateway ``smg``), so a round is seen whole and round r+1 finds round r's
-masters. Without it the group is derived from the round id (:func:`default_group`). Clients
-also send it as the HTTP header ``X-SMG-Routing-Key`` (:func:`routing_headers`), which the
+masters. Without it the group is derived from the round id (``routing.default_group``). Clients
+also send it as the HTTP header ``X-SMG-Routing-Key`` (``routing.routing_headers``), which the
 gateway's ``consistent_hashing`` policy reads. Text-only clients (OpenAI-style) instead put
 separators in the prompt (see :func:`parse_separated`). Either way the server tokenizes every
 segment on its own, so equal shared text gives equal token ids wherever it sits.
@@ -26,7 +26,6 @@ segment on its own, so equal shared text gives equal token ids wherever it sits.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,49 +35,6 @@ ACTION_TYPE = "tokendance.allgather"
 ACTION_VERSION = "1"
 PROTOCOL_VERSION = "1"
 SEGMENT_TYPES = ("private", "shared")
-ROUTING_HEADER = "X-SMG-Routing-Key"
-_GROUP_SEPARATORS = "/:"
-_ROUND_NUMBER_TAIL = "0123456789-_. "
-
-
-def default_group(round_id: str | int) -> str:
-    """The routing group of a round that names none: its simulation, read off the round id.
-
-    The rule: the part before the last ``/`` or ``:`` if the id has one (``"sim-7/r3"`` ->
-    ``"sim-7"``); otherwise the id without its trailing round number (digits and ``-_. ``:
-    ``"t3"`` -> ``"t"``, ``"debate-12"`` -> ``"debate"``); an id that is only a number is its
-    own group (``"3"`` -> ``"3"``). So the rounds of one simulation share a group by default
-    as long as their ids differ only in the trailing number; send ``group`` explicitly where
-    they do not.
-    """
-    rid = str(round_id)
-    cut = max(rid.rfind(c) for c in _GROUP_SEPARATORS)
-    if cut > 0:
-        return rid[:cut]
-    stem = rid.rstrip(_ROUND_NUMBER_TAIL)
-    return stem or rid
-
-
-def group_of(hint: AgentHint) -> str:
-    """The hint's routing group: its ``group``, or :func:`default_group` of its round."""
-    return hint.group if hint.group is not None else default_group(hint.round)
-
-
-def stable_rank(group: str, n: int) -> int:
-    """The rank in ``[0, n)`` a group is pinned to (a hash stable across processes and runs)."""
-    digest = hashlib.sha1(group.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % max(1, n)
-
-
-def routing_headers(kv_hints: dict[str, Any] | None) -> dict[str, str]:
-    """The ``X-SMG-Routing-Key`` header for a request with these hints ({} without a hint)."""
-    if not kv_hints:
-        return {}
-    payload = find_action(kv_hints)
-    if not isinstance(payload, dict) or "round" not in payload:
-        return {}
-    group = payload.get("group")
-    return {ROUTING_HEADER: str(group) if group else default_group(payload["round"])}
 
 
 @dataclass(slots=True, frozen=True)
@@ -267,13 +223,13 @@ def build_request(
     Args:
         segments: ``(type, id, text)`` per segment, in prompt order (id None for private).
         round_id, round_size, agent: the round this request belongs to.
-        group: the routing key (the simulation); None: :func:`default_group` of the round id
+        group: the routing key (the simulation); None: ``routing.default_group`` of the round id
             (the payload then carries no ``group``, and the server derives the same).
 
     Returns:
         ``(text, kv_hints)``: pass them as ``text`` and ``kv_hints`` to /generate (or as
         ``prompt`` and the extra body field ``kv_hints`` to the OpenAI routes), with
-        :func:`routing_headers` ``(kv_hints)`` as HTTP headers.
+        ``routing.routing_headers(kv_hints)`` as HTTP headers.
     """
     spans, pos, parts = [], 0, []
     for typ, sid, seg_text in segments:

@@ -8,7 +8,8 @@ from typing import Any, NamedTuple
 
 import requests
 
-from sglang_tokendance.hints import build_request, routing_headers
+from sglang_tokendance.hints import build_request
+from sglang_tokendance.routing import routing_headers
 from sglang_tokendance.trace import Trace, TraceRequest, generative_agents
 
 

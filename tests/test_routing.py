@@ -7,19 +7,21 @@ import pytest
 
 from sglang_tokendance.entry import RoundRegistry
 from sglang_tokendance.hints import (
-    ROUTING_HEADER,
     HintError,
     build_request,
     build_separated,
-    default_group,
     find_action,
-    group_of,
     parse_payload,
     parse_separated,
+)
+from sglang_tokendance.rounds import RoundBarrier
+from sglang_tokendance.routing import (
+    ROUTING_HEADER,
+    default_group,
+    group_of,
     routing_headers,
     stable_rank,
 )
-from sglang_tokendance.rounds import RoundBarrier
 from sglang_tokendance.server import cpu_threads_bind, world_size
 from sglang_tokendance.stats import combine
 from sglang_tokendance.trace import loads_trace

@@ -15,7 +15,7 @@ import pytest
 import requests
 from roundclient import round_bodies, run_round, simulate, stats
 
-from sglang_tokendance.hints import stable_rank
+from sglang_tokendance.routing import stable_rank
 from sglang_tokendance.server import ServerProcess
 from sglang_tokendance.trace import generative_agents
 

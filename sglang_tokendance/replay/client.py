@@ -84,7 +84,7 @@ async def generate(
     headers: dict[str, str] | None = None,
 ) -> GenerateResult:
     """Send one request to ``url``/generate and wait for the whole answer (``headers``: e.g.
-    the routing key, :func:`sglang_tokendance.hints.routing_headers`).
+    the routing key, :func:`sglang_tokendance.routing.routing_headers`).
 
     Raises:
         ServerError: on a non-200 answer or an error object inside the stream.

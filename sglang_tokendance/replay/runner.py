@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import aiohttp
 from tqdm import tqdm
 
-from sglang_tokendance.hints import build_request, routing_headers
+from sglang_tokendance.hints import build_request
 from sglang_tokendance.replay.client import (
     ServerError,
     fetch_server_info,
@@ -47,6 +47,7 @@ from sglang_tokendance.replay.client import (
     generate,
     make_session,
 )
+from sglang_tokendance.routing import routing_headers
 from sglang_tokendance.trace.format import Segment, Trace, TraceRequest
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class ReplayOptions:
     progress: bool = True
     round_prefix: str = ""
     # The routing key (hint ``group`` and X-SMG-Routing-Key header); None: the trace header's
-    # ``group``, else the server derives it from the round ids (hints.default_group).
+    # ``group``, else the server derives it from the round ids (routing.default_group).
     group: str | None = None
 
     def __post_init__(self) -> None:
