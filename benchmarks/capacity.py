@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ref-repeats", type=int, default=3, help="reference probes (median)")
     ap.add_argument("--slo-ms", type=float, default=0.0, help="a given SLO (skips the reference)")
     ap.add_argument("--max-agents", type=int, default=64)
+    ap.add_argument(
+        "--no-resident",
+        dest="resident",
+        action="store_false",
+        help="skip the resident-capacity search (the most agents whose rounds never wait for KV)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="society traces")
     ap.add_argument(
         "--server-args",
@@ -165,26 +171,45 @@ def run_workload(
                 probes[n] = judged(url, spec, n, slo)
             return bool(probes[n]["served"])
 
+        def check_resident(n: int, url: str = srv.url, probes: dict = probes) -> bool:
+            if n not in probes:  # no latency condition: the pool alone decides
+                probes[n] = probe(url, spec, n, None)
+            return bool(probes[n]["resident"])
+
+        capacity: int | None = None
+        resident: int | None = None
+        error = None
         try:
-            capacity: int | None = search(check, cap)
-            error = None
+            capacity = search(check, cap)
+            if args.resident:
+                resident = search(check_resident, cap)
         except Exception as e:  # a dead server must not lose the other modes' results
             logger.exception("%s %s: capacity search failed", workload, key.label())
-            capacity, error = None, f"{type(e).__name__}: {str(e)[:300]}"
-        logger.info("%s %s: capacity %s agents", workload, key.label(), capacity)
+            error = f"{type(e).__name__}: {str(e)[:300]}"
+        logger.info(
+            "%s %s: capacity %s agents (resident %s)", workload, key.label(), capacity, resident
+        )
         per_mode[key.mode] = {
             "label": key.label(),
             "server": srv.describe(),
             "capacity": capacity,
             "capped": capacity is not None and capacity >= cap,
+            "resident_capacity": resident,
+            "resident_capped": resident is not None and resident >= cap,
             "error": error,
             "probes": [probes[n] for n in sorted(probes)],
         }
     caps = {m: v["capacity"] for m, v in per_mode.items()}
+    res_caps = {m: v["resident_capacity"] for m, v in per_mode.items()}
     ratios = {
         f"tokendance/{b}": common.ratio(caps["tokendance"], caps[b])
         for b in ("off", "pic")
         if "tokendance" in caps and b in caps
+    }
+    res_ratios = {
+        f"tokendance/{b}": common.ratio(res_caps["tokendance"], res_caps[b])
+        for b in ("off", "pic")
+        if args.resident and "tokendance" in res_caps and b in res_caps
     }
     return {
         "slo_ms": round(slo, 2),
@@ -196,6 +221,8 @@ def run_workload(
         "per_mode": per_mode,
         "capacity": caps,
         "ratios": ratios,
+        "resident_capacity": res_caps,
+        "resident_ratios": res_ratios,
     }
 
 
@@ -212,7 +239,9 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             "served(N) = every request of every round answered AND no retraction AND every "
             "round's latency (first request sent -> last answer: includes the barrier and "
             "queueing for KV) <= SLO; SLO = slo_k x mode off's worst-round latency at "
-            "ref_agents agents (same workload, pool, machine), unless given"
+            "ref_agents agents (same workload, pool, machine), unless given; resident(N) = "
+            "every request answered AND no retraction AND in no round did an agent get its "
+            "first token after another agent of the round had finished (none waited for KV)"
         ),
         "config": {
             "model": common.model_label(args.model, model),
@@ -230,6 +259,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             "ref_agents": args.ref_agents,
             "ref_repeats": args.ref_repeats,
             "max_agents": args.max_agents,
+            "resident": args.resident,
             "seed": args.seed,
             "server_flags": server_extra(args),
             "quick": args.quick,
@@ -285,17 +315,22 @@ def markdown(result: dict[str, Any]) -> str:
             f"**{workload}**: SLO {w['slo_ms']:.0f} ms ({w['slo_source']}{_ref(w)}), at most "
             f"{w['max_agents']} agents.",
             "",
-            "| mode | capacity (agents) | probes (N: served, worst round ms) |",
-            "|---|---|---|",
+            "| mode | capacity under the SLO | resident capacity | probes (N: served, worst "
+            "round ms, resident) |",
+            "|---|---|---|---|",
         ]
         for m, v in w["per_mode"].items():
             pr = ", ".join(
-                f"{p['agents']}: {'y' if p['served'] else 'n'} {p['worst_round_ms']:.0f}"
+                f"{p['agents']}: {'y' if p['served'] else 'n'} {p['worst_round_ms']:.0f} "
+                f"{'r' if p.get('resident') else '-'}"
                 for p in v["probes"]
             )
             cap = v["capacity"] if v["error"] is None else f"failed ({v['error']})"
-            lines.append(f"| {m} | {cap}{' (capped)' if v['capped'] else ''} | {pr} |")
-        lines += [f"\n{k}: {r}x" for k, r in w["ratios"].items()]
+            res = v.get("resident_capacity")
+            res_s = "n/a" if res is None else f"{res}{' (capped)' if v['resident_capped'] else ''}"
+            lines.append(f"| {m} | {cap}{' (capped)' if v['capped'] else ''} | {res_s} | {pr} |")
+        lines += [f"\n{k} (SLO): {r}x" for k, r in w["ratios"].items()]
+        lines += [f"\n{k} (resident): {r}x" for k, r in w.get("resident_ratios", {}).items()]
     return "\n".join(lines)
 
 
@@ -311,6 +346,8 @@ def summary_line(result: dict[str, Any]) -> str:
     for workload, w in result["workloads"].items():
         caps = ", ".join(f"{m} {c}" for m, c in w["capacity"].items())
         rat = ", ".join(f"{k} {v}x" for k, v in w["ratios"].items())
+        res = ", ".join(f"{k} {v}x" for k, v in w.get("resident_ratios", {}).items())
+        rat += f"; resident {res}" if res else ""
         parts.append(f"{workload} (SLO {w['slo_ms']:.0f} ms): {caps}{'; ' + rat if rat else ''}")
     return (
         f"capacity at {result['config']['pool_tokens']} KV tokens: "

@@ -3,7 +3,11 @@
 A probe replays ``rounds`` rounds of an N-agent trace (cache flushed, fresh round ids; every
 round's requests sent at once) and is SERVED when every request was answered, none was
 retracted, and every round's latency (first request sent -> last answer, so it includes the
-round barrier and any wait for KV in SGLang's queue) is within the SLO.
+round barrier and any wait for KV in SGLang's queue) is within the SLO. It is RESIDENT when
+every request was answered, none was retracted and, in every round, no agent got its first token
+after another agent of the round had finished: SGLang prefills every admitted request before it
+decodes, so a late first token means the request waited for KV. Resident capacity is what the
+pool holds, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def probe(url: str, spec: TraceSpec, n: int, slo_ms: float | None) -> dict[str, 
     retractions = sum(r.num_retractions for r in reps)
     worst = max(lats) if lats else float("inf")
     within = slo_ms is None or worst <= slo_ms
-    last = res[-1][1] if res else []
+    waited = [_waited(rr) for _, rr in res]
     return {
         "agents": n,
         "served": ok and retractions == 0 and within,
@@ -104,16 +108,24 @@ def probe(url: str, spec: TraceSpec, n: int, slo_ms: float | None) -> dict[str, 
         "failed": sum(1 for r in reps if not r.ok),
         "first_error": next((r.error for r in reps if r.error), None),
         "retractions": retractions,
-        # informational: agents of the last round whose first token came after another agent
-        # of that round had finished (they waited for KV or compute)
-        "agents_waited": sum(
-            1 for r in last if r.t_first is not None and r.t_first > min(q.t_done for q in last)
-        ),
+        # per round: agents whose first token came after another agent of that round had
+        # finished (prefill runs before decode in SGLang, so they waited for KV)
+        "agents_waited": waited,
+        "resident": ok and retractions == 0 and not any(waited),
         "prompt_tokens": sum(r.prompt_tokens for r in reps),
         "cached_tokens": sum(r.cached_tokens for r in reps),
         "loadavg_1min": common.loadavg(),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
+
+
+def _waited(replies: list[Any]) -> int:
+    """Agents of one round that got their first token after another agent had finished."""
+    done = [r.t_done for r in replies if r.t_done is not None]
+    if not done:
+        return 0
+    first_done = min(done)
+    return sum(1 for r in replies if r.t_first is not None and r.t_first > first_done)
 
 
 def judged(url: str, spec: TraceSpec, n: int, slo_ms: float) -> dict[str, Any]:

@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--closed-loop-ratio", type=float, default=0.15, help="ratio of the closed-loop rows"
     )
+    ap.add_argument(
+        "--closed-rounds",
+        type=int,
+        default=1,
+        help="closed-loop steps: round r+1 from the server's own round-r outputs, for the first "
+        "N rounds r of --max-rounds (each step is one round of requests)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens (pass B)")
     ap.add_argument(
         "--top-k",
@@ -314,8 +321,8 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             srv = pool.get(key)
             servers.append(srv.describe())
             common.warm_up(srv.url)
-            ref_c, td_c, info = fidelity_closed.closed_passes(
-                srv.url, pool.get(ref_key).url, trace, rounds[0], k, g
+            ref_c, td_c, info = fidelity_closed.closed_steps(
+                srv.url, pool.get(ref_key).url, trace, rounds[: args.closed_rounds + 1], k, g
             )
             label = f"{key.label()} closed loop"
             closed_rows[label] = (ref_c, td_c)
@@ -362,6 +369,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             "ratios": args.ratios,
             "modes": args.modes,
             "max_new_tokens": g,
+            "closed_rounds": args.closed_rounds,
             "server_args": args.server_args,
             "quick": args.quick,
         },

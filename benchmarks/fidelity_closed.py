@@ -107,3 +107,28 @@ def closed_passes(
         "shared_segments_per_request": segs,
     }
     return collect(ra, rb), collect(a, b), info
+
+
+def closed_steps(
+    td_url: str, off_url: str, trace: Any, rounds: list[int], k: int, g: int
+) -> tuple[dict[tuple, dict], dict[tuple, dict], dict[str, Any]]:
+    """:func:`closed_passes` for each consecutive pair of ``rounds`` (r -> r + 1), merged.
+
+    Each step is one closed-loop round (its prompts quote the server's own round-r outputs), so
+    N steps of an A-agent trace give N x A compared requests; the counters are summed and
+    ``round`` names the rounds compared.
+    """
+    ref: dict[tuple, dict] = {}
+    td: dict[tuple, dict] = {}
+    info: dict[str, Any] = {}
+    steps = [r for r in rounds[:-1] if r + 1 in rounds] or rounds[:1]
+    for rnd in steps:
+        ref_c, td_c, step = closed_passes(td_url, off_url, trace, rnd, k, g)
+        ref.update(ref_c)
+        td.update(td_c)
+        for key, val in step.items():
+            if key not in ("round", "shared_segments_per_request"):
+                info[key] = info.get(key, 0) + val
+        info.setdefault("shared_segments_per_request", step["shared_segments_per_request"])
+    info["round"] = ", ".join(str(r + 1) for r in steps)
+    return ref, td, info

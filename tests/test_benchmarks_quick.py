@@ -146,7 +146,12 @@ def test_capacity_quick_searches_under_a_given_slo(
     assert [p["agents"] for p in td["probes"]] == [1, 2]
     assert all(p["served"] and p["retractions"] == 0 for p in td["probes"])
     assert all(len(p["round_latencies_ms"]) == 2 for p in td["probes"])  # every round judged
-    # a 1 ms SLO: N=1 answers in full but misses the SLO (tried twice), so nothing is served
-    (miss,) = results["impossible"]["workloads"]["society"]["per_mode"]["tokendance"]["probes"]
+    assert td["resident_capacity"] == 2 and td["resident_capped"]  # the pool holds both
+    # a 1 ms SLO: N=1 answers in full but misses the SLO (tried twice), so nothing is served;
+    # residency has no latency condition, so the same server is still resident at N = 1, 2
+    imp = results["impossible"]["workloads"]["society"]
+    miss, res2 = imp["per_mode"]["tokendance"]["probes"]
     assert miss["all_ok"] and not miss["within_slo"] and len(miss["latency_tries_ms"]) == 2
-    assert results["impossible"]["workloads"]["society"]["capacity"]["tokendance"] == 0
+    assert miss["resident"] and res2["agents"] == 2 and res2["resident"]
+    assert res2["agents_waited"] == [0, 0] and "latency_tries_ms" not in res2
+    assert imp["capacity"]["tokendance"] == 0 and imp["resident_capacity"]["tokendance"] == 2
