@@ -107,6 +107,11 @@ def test_cli_embedded_server_mode_off(trace_path: Path, tmp_path: Path) -> None:
     check_report(rep, "off")
     assert rep["server"]["flags"]["launch_args"][-2:] == ["--tokendance-mode", "off"]
     assert "prefill tokens computed" in res.stdout
+    # a mode-off server gets the hints and only records rounds: KV per agent comes from its
+    # last round's record, as for the other modes, and nothing was shared
+    st = rep["server_stats"]
+    assert rep["kv_source"]["kv_bytes_per_agent"] == "server"
+    assert st["last_round"]["agents"] == AGENTS and st["masters_created"] == 0
 
 
 def test_cli_url_mode_tokendance(td_server: str, trace_path: Path, tmp_path: Path) -> None:

@@ -3,8 +3,11 @@
 Each round's requests go out concurrently (at most ``concurrency`` in flight; default all of
 them, after each request's ``arrival_s`` if the trace has one), the round is awaited, then the
 next one starts. In mode ``tokendance`` and ``pic`` every request carries the TokenDance hint
-(``kv_hints``, round id ``r<N>``, round_size = requests in the round, the agent id); in mode
-``off`` plain prompts are sent. The server checks that a round's shared ids keep one text, for
+(``kv_hints``, round id ``r<N>``, round_size = requests in the round, the agent id). In mode
+``off`` the same hints go only to a server whose ``/tokendance/stats`` says mode off: it acts on
+none (stock path, same prompt text) and only records each request's round, so its KV per agent
+is measured per round like the other modes'; any other server (stock SGLang, a tokendance or
+pic server) gets plain prompts. The server checks that a round's shared ids keep one text, for
 as long as it remembers the round: replaying again against the same server with other texts
 (closed loop) needs another ``round_prefix`` (round ids ``<prefix>r<N>``).
 
@@ -168,14 +171,16 @@ def build_sent(
     size: int,
     prefix: str = "",
     group: str | None = None,
+    off_hints: bool = False,
 ) -> SentRequest:
     """The prompt text (and hint unless mode is off; round id ``<prefix>r<N>``) of a request,
-    with its routing header (every mode: the gateway routes mode off the same way)."""
+    with its routing header (every mode: the gateway routes mode off the same way).
+    ``off_hints``: mode off keeps the hint too (for a mode-off server, which only records it)."""
     triples = [(s.type, s.id, s.text) for s in segments]
     round_id = f"{prefix}r{req.round}"
     text, hints = build_request(triples, round_id, size, req.agent, group=group)
     headers = routing_headers(hints)
-    if mode == "off":
+    if mode == "off" and not off_hints:
         hints = None
     return SentRequest(req.round, req.agent, text, segments, hints, req.max_tokens, headers)
 
@@ -229,6 +234,9 @@ async def replay_async(
     recorded: dict[str, str | None] = {}
     async with make_session(opts.timeout_s, opts.concurrency or widest) as session:
         info = await fetch_server_info(session, url)
+        off_hints = (
+            opts.mode == "off" and ((await fetch_stats(session, url)) or {}).get("mode") == "off"
+        )
         t_start = time.perf_counter()
         for rnd, reqs in rounds:
             sent = []
@@ -236,7 +244,9 @@ async def replay_async(
                 segs = req.segments
                 if opts.closed_loop and generated:
                     segs = closed_loop_segments(req, generated, recorded)
-                sent.append(build_sent(req, segs, opts.mode, len(reqs), opts.round_prefix, group))
+                sent.append(
+                    build_sent(req, segs, opts.mode, len(reqs), opts.round_prefix, group, off_hints)
+                )
             for s in sent:
                 if on_request is not None:
                     on_request(s)
