@@ -11,10 +11,11 @@ MODES: tuple[str, ...] = ("tokendance", "pic", "off")
 SELECTIONS: tuple[str, ...] = ("leading", "deviation", "both")  # see selection.py
 MASTER_POLICIES: tuple[str, ...] = ("fresh", "author")
 MIRROR_POLICIES: tuple[str, ...] = ("keep", "threshold", "drop")
-# threshold: a recomputed slot is kept when its K or V (some layer) differs from the rotated
-# master's by more than this, relative (attention/mirror_deviation.py). 0.5 from the fidelity
-# benchmark on the trained model (README, Results): it frees ~65% of the recomputed slots there
-# for 2 more greedy divergences in 75 requests (drop: 5). The scale is the model's: the tiny
+# threshold (the default policy): a recomputed slot is kept when its K or V (some layer) differs
+# from the rotated master's by more than this, relative (attention/mirror_deviation.py). 0.5
+# from the fidelity benchmark on the trained model (README, Results): it frees about two thirds
+# of the recomputed slots there at the same first-token fidelity and a few more greedy
+# divergences than keep (drop: about twice as many). The scale is the model's: the tiny
 # random-weight model's deviations stay under 0.32, so there 0.5 frees every slot (= drop).
 DEFAULT_MIRROR_EPS = 0.5
 ATTENTION_PATHS: tuple[str, ...] = ("auto", "triton", "torch")  # see attention/dispatch.py
@@ -38,7 +39,7 @@ class TokenDanceConfig:
     check_layer: int = 1
     separator: str = DEFAULT_SEPARATOR
     uniform_attention: bool = False
-    mirror: str = "keep"
+    mirror: str = "threshold"
     attention: str = "auto"
     mirror_eps: float = DEFAULT_MIRROR_EPS
 

@@ -4,7 +4,8 @@ After the agent's prefill, per reused segment: ``keep`` makes the recomputed slo
 (a sparse diff against the master, freed with the request); ``drop`` frees them and points the
 row back at the master's slots (``repoint_row``); ``threshold`` does drop for the tokens whose
 K/V stayed within eps of the master's, as measured by the mirror judge on the model-runner
-side (:mod:`.attention.mirror_deviation`), and keep for the rest. No per-token Python loops:
+side (:mod:`.attention.mirror_deviation`), and keep for the rest (the default; at recompute
+ratio 1.0 it keeps everything, so full recompute stays exact). No per-token Python loops:
 one judge call per request, masks per segment.
 """
 
@@ -91,6 +92,8 @@ class MirrorPolicy:
         eps (threshold: one measurement over every segment of the row)."""
         sizes = [int(idx.numel()) for _, idx, _ in picks]
         mode = self.cfg.mirror
+        if mode == "threshold" and self.cfg.recompute_ratio >= 1.0:
+            mode = "keep"  # ratio 1.0 asks for full prefill's outputs: no fidelity trade-off
         if mode == "threshold" and self.judge is not None and sum(sizes):
             mine = self.cache.row_slots(row, torch.cat([idx for _, idx, _ in picks]))
             master = torch.cat([u.node.master_slots[i.to(torch.int64)] for u, _, i in picks])

@@ -17,6 +17,13 @@ def _parse(argv: list[str]) -> TokenDanceConfig:
 
 def test_defaults_and_flags_parse() -> None:
     assert _parse([]) == TokenDanceConfig()
+    d = TokenDanceConfig()
+    assert (d.mirror, d.mirror_eps, d.selection, d.master_policy) == (
+        "threshold",
+        0.5,
+        "both",
+        "author",
+    )
     cfg = _parse(
         [
             "--enable-tokendance",

@@ -27,7 +27,10 @@ def shared_server(
     srv = _servers.get("td")
     if srv is None:
         log = tmp_path_factory.mktemp("shared-server") / "server.log"
-        flags = ["--enable-tokendance", "--tokendance-selection", "both"]
+        # keep: tests of the shared server count mirrors (the default threshold frees every
+        # recomputed slot on the tiny random model, whose deviations are all below its eps)
+        flags = ["--enable-tokendance", "--tokendance-selection", "both", "--tokendance-mirror"]
+        flags += ["keep"]
         flags += ["--tokendance-round-timeout-ms", str(int(ROUND_TIMEOUT_S * 1000))]
         srv = ServerProcess(model, [*flags, "--tokendance-master-policy", "author"], log_path=log)
         request.session.addfinalizer(srv.stop)
