@@ -71,7 +71,13 @@ def blend_forward(
     end = model.end_layer
     check = min(max(plan.check_layer, model.start_layer), end - 1)
     plan.check_layer = check
-    ta.seed(plan, fb, check, end)
+    if check + 1 < end:
+        ta.seed(plan, fb, check, end)
+    else:  # no layer after the check layer: every token runs every layer, nothing to seed
+        ta.blend = None
+        ta.work["blend_forwards"] += 1
+        ta.work["blend_reused"] += int(plan.tok.numel())
+        ta.work["blend_recomputed"] += int(plan.tok.numel())
     for i in range(model.start_layer, end):
         hidden = model.layers[i](positions, hidden, fb)
         if i == check and i + 1 < end:
