@@ -266,7 +266,7 @@ class Collector:
         if lay.blend_src is not None:
             self.counters.reused_tokens += int((lay.blend_src >= 0).sum())
         for use in lay.shared:
-            if use.node is not None or row is None:
+            if (use.node is not None and not use.node.evicted) or row is None:
                 continue
             toks = tuple(lay.true_ids[use.start : use.end])
             if self.cache.lookup_segment(toks) is not None:

@@ -72,3 +72,25 @@ def test_a_last_token_that_is_reused_and_unchosen_is_still_kept() -> None:
 
 def test_no_reused_token_gives_no_plan() -> None:
     assert build_plan([torch.tensor([-1, -1]), None], [2, 1], ["a", "b"], 0.15, 1, "cpu") is None
+
+
+def test_torch_path_extend_of_a_query_subset_equals_those_rows_of_the_full_extend() -> None:
+    """The torch tagged path after the check layer: the same key plan, fewer queries."""
+    from test_attention_triton import _case
+
+    from sglang_tokendance.attention import batch_plan as bp
+    from sglang_tokendance.attention.rope import RopeParams
+
+    c = _case(torch.float32, 4, 2, 16, seed=11)
+    rope = RopeParams.default(10000.0, 16, 16, True)
+    plan = bp.plan_batch(
+        c["rows"], c["seqs"].tolist(), bp.Tables(c["r2t"], c["r2p"], c["ll"], c["sp"]), rope
+    )
+    full = torch.empty(c["q"].shape[0], 4, 16)
+    bp.extend_rows(c["q"], full, c["kb"], c["vb"], plan, c["exts"].tolist(), c["qpos"], rope,
+                   c["scale"])  # fmt: skip
+    keep = torch.tensor([1, 4, 5, 6, 12, 18, 19, 24])  # rows: 5 -> 2, 14 -> 4, 6 -> 2
+    sub = torch.empty(keep.numel(), 4, 16)
+    bp.extend_rows(c["q"][keep], sub, c["kb"], c["vb"], plan, [2, 4, 2], c["qpos"][keep], rope,
+                   c["scale"])  # fmt: skip
+    torch.testing.assert_close(sub, full[keep], atol=1e-6, rtol=1e-6)

@@ -134,7 +134,9 @@ def _plan_blend(layout: RowLayout, cached_len: int) -> RowPlan:
     src = torch.full((n,), -1, dtype=torch.int64)
     nodes: list[AllGatherNode] = []
     for use in layout.shared:
-        if use.node is None:
+        # a pic request may wait in SGLang's queue (or be retracted) after planning: a master
+        # evicted meanwhile seeds nothing, its tokens are computed like a fresh segment's
+        if use.node is None or use.node.evicted:
             continue
         length = use.end - use.start
         assert use.node_offset + length <= len(use.node.token_ids), "span runs past its master"
