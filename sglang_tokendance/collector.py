@@ -18,8 +18,12 @@ Recompute sets are collective: chosen once per (round, segment) and shared by al
 (:mod:`.selection`: leading tokens, or by deviation scores that the master agent's forward
 measured at the check layer). With the ``author`` master policy a segment that contains an
 agent's previous output reuses that output's decode-time KV as its master (no master agent).
-In ``pic`` mode (the per-request baseline) there is no round: each request plans alone, and
-keeps a dense private copy of every segment instead of referencing the master.
+In ``pic`` mode (CacheBlend, the per-request baseline) there is no round: each request plans
+alone against the masters that exist (:meth:`Collector.plan_alone`); its row stays in true order,
+every prompt token is an ordinary extend token (the dense copy, admitted by SGLang), and the
+attention side seeds the reused tokens with the masters' KV and picks the tokens to recompute
+in the request's own context (:mod:`.attention.blend`). A pic master is a copy of the first
+request's segment KV, so no request ever references master slots.
 """
 
 from __future__ import annotations
@@ -209,6 +213,7 @@ class Collector:
     def plan_alone(self, req: Any) -> None:
         """pic mode / late arrivals: plan one request against whatever masters exist."""
         lay = layout_of(req)
+        pic = self.cfg.mode == "pic"
         for use in lay.shared:
             toks = tuple(lay.true_ids[use.start : use.end])
             use.node = self.cache.lookup_segment(toks)
@@ -216,11 +221,12 @@ class Collector:
                 hit = self._authored(toks, (lay.round_id, use.seg_id))
                 if hit is not None:
                     _narrow(use, hit)
-            use.recompute = self._recompute(use)
-        lay.dense_copy = self.cfg.mode == "pic"
+            if not pic:
+                use.recompute = self._recompute(use)
+        lay.blend = pic
         state_of(req).role = "reuse"
         missing = [u for u in lay.shared if u.node is None]
-        if missing and len(missing) == len(lay.shared):
+        if not pic and missing and len(missing) == len(lay.shared):
             self._make_master_agent(req, missing, lay.prefix_len)
 
     # ---- after a prefill forward ------------------------------------------------------------
@@ -234,7 +240,9 @@ class Collector:
             self._promote(req, authored, None, probes)
             return self._master_done(req)
         lay = layout_of(req)
-        if lay is not None:
+        if lay is not None and lay.blend:
+            self._blend_done(req, lay)
+        elif lay is not None:
             if lay.reused_slots is not None:
                 self.counters.reused_tokens += int(lay.reused_slots.numel())
             self.counters.recompute_tokens += sum(
@@ -249,6 +257,28 @@ class Collector:
             if self.cfg.mode == "tokendance":
                 self.mirrors.attach(req, lay)
         return []
+
+    def _blend_done(self, req: Any, lay: RowLayout) -> None:
+        """pic: the dense copy is made; free its sources and store fresh segments as masters
+        (copies: the request keeps its own slots, so it never references a master)."""
+        self.cache.release_match_pins(req)
+        row = req.kv.req_pool_idx
+        if lay.blend_src is not None:
+            self.counters.reused_tokens += int((lay.blend_src >= 0).sum())
+        for use in lay.shared:
+            if (use.node is not None and not use.node.evicted) or row is None:
+                continue
+            toks = tuple(lay.true_ids[use.start : use.end])
+            if self.cache.lookup_segment(toks) is not None:
+                continue  # another pic request stored it meanwhile
+            own = self.cache.row_slots(row, torch.arange(use.start, use.end))
+            copy = self.cache.copy_slots(own)
+            if copy is None:
+                continue  # no room: no master this time (the next request computes it again)
+            pos = torch.arange(use.start, use.end, dtype=torch.int32)
+            res = self.cache.insert_segment(toks, copy, pos)
+            if res.inserted:
+                self.counters.masters_created += 1
 
     def _master_done(self, req: Any) -> list[Any]:
         for state in list(self.rounds.values()):

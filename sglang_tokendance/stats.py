@@ -70,7 +70,6 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         retries=c.retries,
         authored_masters_live=len(cache.authored) if hasattr(cache, "authored") else 0,
         deviation_selections=c.deviation_selections,
-        pic_copies_skipped=getattr(cache, "pic_copies_skipped", 0),
         nonleading_selections=c.nonleading_selections,
         mirror_slots_kept=c.mirror_slots_kept,
         mirror_slots_freed=c.mirror_slots_freed,

@@ -189,3 +189,19 @@ def test_triton_large_deltas_stay_accurate():
     torch.testing.assert_close(
         got, decode_attention_ref(*_decode_args(c, rope)), atol=1e-4, rtol=1e-4
     )
+
+
+def test_triton_extend_of_a_query_subset_equals_those_rows_of_the_full_extend():
+    """pic's later layers run a subset of each row's extend tokens (CacheBlend): the kernel
+    takes it as shorter extend lengths and the kept tokens' positions, and each kept query's
+    output is the one it has in the full extend (the keys are the whole row either way)."""
+    c = _case(torch.float32, 4, 2, 16, seed=7)
+    rope = RopeParams.default(10000.0, 16, 16, True)
+    full = extend_attention(*_extend_args(c, rope), block_m=16, block_n=16)
+    keep = torch.tensor([0, 3, 4, 5, 9, 10, 18, 22, 24])  # rows: 5 -> 3, 14 -> 4, 6 -> 2
+    sub = dict(c, q=c["q"][keep], qpos=c["qpos"][keep], exts=torch.tensor([3, 4, 2]))
+    got = extend_attention(*_extend_args(sub, rope), block_m=16, block_n=16)
+    torch.testing.assert_close(got, full[keep], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        got, extend_attention_ref(*_extend_args(sub, rope)), **_tol(torch.float32)
+    )

@@ -38,6 +38,7 @@ REPORT_TYPES: dict[str, Any] = {
     "requests": int,
     "prompt_tokens": int,
     "prefill_tokens_computed": int,
+    "prefill_token_layers": STAT,
     "kv_tokens_peak": STAT,
     "kv_bytes_per_agent": STAT,
     "dense_kv_bytes_per_agent": STAT,

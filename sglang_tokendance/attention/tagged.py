@@ -24,6 +24,7 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_tokendance.attention import batch_plan as bp
+from sglang_tokendance.attention.blend import BlendPlan, key_deviation, seed_kv
 from sglang_tokendance.attention.deviation import context_deviation, get_probe_board
 from sglang_tokendance.attention.dispatch import batch_is_tagged, resolve_path
 from sglang_tokendance.attention.rope import RopeParams, rope_params_from_model
@@ -67,6 +68,13 @@ class TaggedAttention:
         self.probes = get_probe_board(self.r2t_pool)
         layers = getattr(getattr(model_runner, "model_config", None), "num_hidden_layers", None)
         self.probes.check_layer = min(cfg.check_layer, layers - 1) if layers else cfg.check_layer
+        self.num_layers = int(layers or 0)
+        self.ratio = cfg.recompute_ratio  # pic: share of each request's reused tokens recomputed
+        self.blend: BlendPlan | None = None  # pic: this forward's CacheBlend work (.blend)
+        # prefill work actually done: extend tokens x layers they ran through (every mode)
+        self.work = {"prefill_token_layers": 0, "blend_forwards": 0, "blend_reused": 0}
+        self.work["blend_recomputed"] = 0
+        self.blend_picks: dict[str, list[int]] = {}  # last pic requests' recomputed positions
         self.tables = bp.Tables(
             self.r2t_pool.req_to_token,
             self.table.req_to_pos,
@@ -91,7 +99,7 @@ class TaggedAttention:
         """Tag this forward's KV writes and decide its path; True: the tagged path (idempotent)."""
         if fb is self._fb:
             return self.active
-        self._fb, self._extend = fb, None
+        self._fb, self._extend, self.blend = fb, None, None
         loc, pos = fb.out_cache_loc, fb.positions
         if fb.forward_mode.is_idle() or loc is None or pos is None:
             self.active = False
@@ -102,6 +110,8 @@ class TaggedAttention:
                 f"{pos.numel()} positions (mode {fb.forward_mode})"
             )
         self.table.record_write(loc, pos)
+        if fb.forward_mode.is_extend():
+            self.work["prefill_token_layers"] += int(loc.numel()) * self.num_layers
         self._rows = host_list(fb.req_pool_indices_cpu, fb.req_pool_indices)
         self.active = batch_is_tagged(self._rows, self.table.laid_out_rows, self.uniform)
         self.forwards["tagged" if self.active else "stock"] += 1
@@ -118,7 +128,33 @@ class TaggedAttention:
             "kernels": self.kind,
             "tagged_forwards": self.forwards["tagged"],
             "stock_forwards": self.forwards["stock"],
+            **self.work,
+            "blend_picks": {rid: list(p) for rid, p in self.blend_picks.items()},
         }
+
+    # ---- pic (CacheBlend, :mod:`.blend`) --------------------------------------------------
+    def seed(self, plan: BlendPlan, fb: ForwardBatch, first_layer: int, end_layer: int) -> None:
+        """Write the dense copy of this forward's reused tokens (layers ``first..end-1``)."""
+        layers = range(first_layer, end_layer)
+        seed_kv(
+            plan,
+            [self.kv_pool.get_key_buffer(i) for i in layers],
+            [self.kv_pool.get_value_buffer(i) for i in layers],
+            fb.out_cache_loc, fb.positions, self.table.slot_pos, self.rope, 0,
+        )  # fmt: skip
+        self.work["blend_forwards"] += 1
+        self.work["blend_reused"] += int(plan.tok.numel())
+
+    def narrowed(self, plan: BlendPlan, dropped: int, later_layers: int) -> None:
+        """Past the check layer only the kept tokens run: the key plan stays (rows and their
+        keys are unchanged), the per-row query counts follow the batch's new extend lengths."""
+        self._extend = None
+        self.work["prefill_token_layers"] -= dropped * later_layers
+        self.work["blend_recomputed"] += sum(int(p.numel()) for p in plan.picks.values())
+        for rid, picks in plan.picks.items():
+            self.blend_picks[rid] = picks.tolist()
+        while len(self.blend_picks) > 64:  # a bounded record for the stats route
+            self.blend_picks.pop(next(iter(self.blend_picks)))
 
     def adopt(self, old: ForwardBatch, new: ForwardBatch) -> None:
         """``new`` is the copy of the prepared forward ``old`` that the model will see."""
@@ -173,6 +209,14 @@ class TaggedAttention:
         save_kv_cache: bool = True,
     ) -> torch.Tensor:
         """Attention of one layer for a tagged batch; returns ``[T, H * Dv]`` like a backend."""
+        plan = self.blend
+        if plan is not None and k is not None and layer.layer_id == plan.check_layer:
+            # the seed is still in the slots: the deviation is measured before it is replaced
+            seed = self.kv_pool.get_key_buffer(layer.layer_id)[fb.out_cache_loc[plan.tok].long()]
+            plan.dev = key_deviation(k[plan.tok], seed.view_as(k[plan.tok]))
+            tp_sum = _tp_sum()
+            if tp_sum is not None:
+                plan.dev = tp_sum(plan.dev)
         if save_kv_cache and k is not None and v is not None:
             self.kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v)
         heads, dv = layer.tp_q_head_num, layer.v_head_dim

@@ -7,7 +7,7 @@ the store, and the unit tests of its round logic use a small fake.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -45,6 +45,10 @@ class CollectorCache(Protocol):
     def claim_row_ranges(self, req_pool_idx: int, ranges: Iterable[Range]) -> None: ...
 
     def pin_segment(self, node: AllGatherNode, req_pool_idx: int | None = None) -> None: ...
+
+    def release_match_pins(self, req: Any) -> None: ...
+
+    def copy_slots(self, slots: torch.Tensor) -> torch.Tensor | None: ...
 
     def row_slots(self, req_pool_idx: int, index: torch.Tensor) -> torch.Tensor: ...
 

@@ -99,7 +99,6 @@ class TokenDanceRadixCache(RadixCache):
         # Set by the collector (master policy "author"): a finished TokenDance request's output
         # KV becomes a master instead of being freed.
         self.publish_outputs = False
-        self.pic_copies_skipped = 0  # pic mode: dense copies not made for lack of free slots
         super().__init__(params)
         self.positions: PositionTable | None = None
         if params.req_to_token_pool is not None and params.token_to_kv_pool_allocator is not None:
@@ -293,6 +292,14 @@ class TokenDanceRadixCache(RadixCache):
     def release_mirrors(self, agent: str | None = None, round_id: str | None = None) -> int:
         """Free the matching mirrors (None matches all); returns slots freed."""
         return self.store.release_mirrors(agent=agent, round_id=round_id)
+
+    def release_match_pins(self, req: Req) -> None:
+        """pic: the prefill is done, so the masters its dense copy came from may be evicted."""
+        row_admission.release_unadmitted(self, req)
+
+    def copy_slots(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """Fresh slots holding a copy of ``slots``' KV, or None without room (pic masters)."""
+        return row_admission.copy_to_new_slots(self, slots)
 
     def pin_segment(self, node: AllGatherNode, req_pool_idx: int | None = None) -> None:
         """Protect ``node`` while a request reads it; with ``req_pool_idx`` the pin is undone

@@ -61,6 +61,7 @@ def match_laid_out(cache: Any, super_match: Any, params: MatchPrefixParams, lay:
     lay.row_pos = plan.row_pos
     lay.reused_slots = plan.reused_slots
     lay.reused_nodes = list(plan.reused_nodes)
+    lay.blend_src = plan.blend_src
     row_ids = torch.tensor(lay.true_ids, dtype=torch.int64)[plan.row_pos].tolist()
     if list(req.origin_input_ids) != row_ids:
         old = req.origin_input_ids
@@ -92,12 +93,11 @@ def on_rows_allocated(cache: Any, reqs: list[Any]) -> None:
         if cache.positions.has_layout(row):
             continue  # a later chunk of an already laid-out request
         cache.positions.set_layout(row, lay.row_pos)
-        m = int(lay.reused_slots.numel())
-        if m and lay.dense_copy and _copy_reused(cache, row, lay, m):
-            for node in lay.reused_nodes:  # the copy no longer reads the masters
-                cache.unpin_segment(node)
-            lay.reused_nodes = []
+        if lay.blend:
+            # pic: nothing of the row is foreign; the match-time pins keep the dense copy's
+            # sources alive until the prefill is done (release_match_pins).
             continue
+        m = int(lay.reused_slots.numel())
         if m:
             cache.claim_row_ranges(row, [(lay.cached_len, lay.cached_len + m)])
         for node in lay.reused_nodes:  # hand the match-time pins to the row (net zero)
@@ -106,33 +106,26 @@ def on_rows_allocated(cache: Any, reqs: list[Any]) -> None:
         lay.reused_nodes = []
 
 
-PIC_COPY_HEADROOM = 0.25  # share of the pool a pic dense copy never takes
-
-
-def _copy_reused(cache: Any, row: int, lay: RowLayout, m: int) -> bool:
-    """Give ``row[c : c + m]`` private copies of the reused master slots (pic mode)."""
+def copy_to_new_slots(cache: Any, src: torch.Tensor) -> torch.Tensor | None:
+    """Fresh slots holding a copy of ``src``'s K/V (every layer) and slot positions, or None
+    when the pool has no room (pic mode: a master is a copy, as LMCache stores its chunks
+    apart from the requests that computed them; without room the master is simply not made).
+    """
     alloc = cache.token_to_kv_pool_allocator
-    # SGLang admitted this request for its extend tokens only: the copy is extra. Free slots
-    # below the headroom are spoken for (a chunked prefill's next chunk, running requests'
-    # decode), and evicting would take what admission counted as evictable, so under pressure
-    # the request references the masters instead (counted in pic_copies_skipped).
-    if alloc.available_size() - m < PIC_COPY_HEADROOM * alloc.size:
-        cache.pic_copies_skipped += 1
-        return False
-    new = alloc.alloc(m)
+    n = int(src.numel())
+    if n == 0 or alloc.available_size() < n:
+        return None
+    new = alloc.alloc(n)
     if new is None:
-        cache.pic_copies_skipped += 1
-        return False
-    src = lay.reused_slots.to(new.device)
+        return None
     kv = alloc.get_kvcache()
-    dst, src_l = new.long(), src.long()
+    dst, src_l = new.long(), src.to(new.device).long()
     for k_buf, v_buf in zip(kv.k_buffer, kv.v_buffer, strict=True):  # per layer, not per token
         k_buf[dst] = k_buf[src_l]
         v_buf[dst] = v_buf[src_l]
-    cache.positions.slot_pos[new.long()] = cache.positions.slot_pos[src.long()]
-    c = lay.cached_len
-    cache.req_to_token_pool.req_to_token[row, c : c + m] = new.to(torch.int32)
-    return True
+    if cache.positions is not None:
+        cache.positions.slot_pos[dst] = cache.positions.slot_pos[src_l]
+    return new.to(torch.int64)
 
 
 def insert_true_prefix(cache: Any, req: Any, lay: RowLayout) -> None:
@@ -155,7 +148,8 @@ def insert_true_prefix(cache: Any, req: Any, lay: RowLayout) -> None:
 
 
 def release_unadmitted(cache: Any, req: Any) -> None:
-    """Undo match-time pins of a request that never got a row (aborted while queued)."""
+    """Undo match-time pins of a request that never got a row (aborted while queued), or of a
+    pic request whose prefill no longer reads its dense copy's sources."""
     lay = layout_of(req)
     if lay is not None and lay.reused_nodes:
         _unpin_match_pins(cache, lay)
@@ -163,6 +157,7 @@ def release_unadmitted(cache: Any, req: Any) -> None:
 
 __all__ = [
     "MatchResult",
+    "copy_to_new_slots",
     "insert_true_prefix",
     "layout_of",
     "match_laid_out",

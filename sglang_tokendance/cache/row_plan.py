@@ -59,9 +59,11 @@ class RowLayout:
     row_pos: torch.Tensor | None = None  # int64 [n]: true position of each row entry
     reused_slots: torch.Tensor | None = None  # int64 [m]: master slots at row[c : c + m]
     reused_nodes: list[AllGatherNode] = field(default_factory=list)
-    # pic mode (per-request PIC baseline): copy reused master KV into the request's own slots
-    # (a dense private copy, as CacheBlend keeps), instead of referencing the master.
-    dense_copy: bool = False
+    # pic mode (CacheBlend): the row is in true order and every prompt token is an extend
+    # token (SGLang allocates and admits the dense copy like any prefill); blend_src[t] is the
+    # master slot whose KV seeds true position t (-1: none), filled by plan_row.
+    blend: bool = False
+    blend_src: torch.Tensor | None = None  # int64 [n]
 
 
 class RowPlan(NamedTuple):
@@ -70,13 +72,16 @@ class RowPlan(NamedTuple):
     row_pos: torch.Tensor  # int64 [n]
     reused_slots: torch.Tensor  # int64 [m]
     reused_nodes: list[AllGatherNode]
+    blend_src: torch.Tensor | None = None  # pic rows: master slot per true position, or -1
 
 
 def plan_row(layout: RowLayout, cached_len: int) -> RowPlan:
     """Lay out the row for a radix hit of ``cached_len`` tokens on the private prefix.
 
     Reused entries are the master slots of each shared segment outside its recompute set. The
-    last prompt token is never reused (its logits are needed), so it is always fresh.
+    last prompt token is never reused (its logits are needed), so it is always fresh. A pic
+    (``blend``) layout reuses nothing in the row: it stays in true order, and the masters'
+    slots go to ``blend_src`` (the dense copy's source, the last prompt token excepted).
 
     Raises:
         ValueError: if ``cached_len`` exceeds the private prefix.
@@ -86,6 +91,8 @@ def plan_row(layout: RowLayout, cached_len: int) -> RowPlan:
         raise ValueError(
             f"cached_len {cached_len} outside the private prefix 0..{layout.prefix_len}"
         )
+    if layout.blend:
+        return _plan_blend(layout, cached_len)
     reused_mask = torch.zeros(n, dtype=torch.bool)
     reused_pos: list[torch.Tensor] = []
     reused_slots: list[torch.Tensor] = []
@@ -115,3 +122,28 @@ def plan_row(layout: RowLayout, cached_len: int) -> RowPlan:
     slots = torch.cat(reused_slots) if reused_slots else torch.empty(0, dtype=torch.int64)
     assert row_pos.numel() == n
     return RowPlan(row_pos, slots, nodes)
+
+
+def _plan_blend(layout: RowLayout, cached_len: int) -> RowPlan:
+    """The true-order row of a pic request and its dense copy's sources::
+
+    true prompt: [ private ][ shared S1 (master) ][ private ][ shared S2 (none) ][ ... ]
+    blend_src:     -1 ...    S1.master_slots        -1 ...     -1 ...           -1 (last)
+    """
+    n = len(layout.true_ids)
+    src = torch.full((n,), -1, dtype=torch.int64)
+    nodes: list[AllGatherNode] = []
+    for use in layout.shared:
+        # a pic request may wait in SGLang's queue (or be retracted) after planning: a master
+        # evicted meanwhile seeds nothing, its tokens are computed like a fresh segment's
+        if use.node is None or use.node.evicted:
+            continue
+        length = use.end - use.start
+        assert use.node_offset + length <= len(use.node.token_ids), "span runs past its master"
+        off = use.node_offset
+        src[use.start : use.end] = use.node.master_slots[off : off + length].to(torch.int64)
+        nodes.append(use.node)
+    src[n - 1] = -1  # the last prompt token is always computed (its logits are needed)
+    src[:cached_len] = -1
+    row_pos = torch.arange(n, dtype=torch.int64)
+    return RowPlan(row_pos, torch.empty(0, dtype=torch.int64), nodes, src)

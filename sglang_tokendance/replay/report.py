@@ -3,6 +3,9 @@
 Where the numbers come from:
 - token counts: SGLang's ``meta_info`` per request; ``prefill_tokens_computed`` is the sum of
   ``prompt_tokens - cached_tokens``.
+- ``prefill_token_layers``: the prefill work the server measured (``attention`` in the stats:
+  extend tokens x the layers each ran through; pic counts its check-layer subset), since the
+  server started (an embedded server: this replay only); null when the server has no count.
 - ``ttft_ms``: measured on the client from the streamed answer (``ttft_source: "stream"``).
 - KV sizes: ``GET /tokendance/stats`` (read once, after the last round) when the server has it
   (``kv_tokens_peak``, ``kv_bytes_per_agent``, ``dense_kv_bytes_per_agent``,
@@ -154,6 +157,7 @@ def build_report(
         "cached_tokens": sum(q.cached_tokens for q in ok),
         "completion_tokens": sum(q.completion_tokens for q in ok),
         "prefill_tokens_computed": computed,
+        "prefill_token_layers": (stats.get("attention") or {}).get("prefill_token_layers"),
         "kv_tokens_peak": stats.get("kv_tokens_peak"),
         "kv_bytes_per_token": per_tok,
         "kv_bytes_per_agent": per_agent,
@@ -224,6 +228,7 @@ def summary(report: dict[str, Any]) -> str:
         f"  server: {srv.get('model')} on {srv.get('device')}",
         f"  prompt tokens            {_fmt(report['prompt_tokens'])}",
         f"  prefill tokens computed  {_fmt(report['prefill_tokens_computed'])}",
+        f"  prefill token-layers     {_fmt(report.get('prefill_token_layers'))}",
         f"  completion tokens        {_fmt(report['completion_tokens'])}",
         f"  KV per agent             {_kib(report['kv_bytes_per_agent'])} "
         f"(dense {_kib(report['dense_kv_bytes_per_agent'])})"
@@ -258,6 +263,7 @@ def summary(report: dict[str, Any]) -> str:
 COMPARE_ROWS: tuple[tuple[str, str], ...] = (
     ("prompt tokens", "prompt_tokens"),
     ("prefill tokens computed", "prefill_tokens_computed"),
+    ("prefill token-layers", "prefill_token_layers"),
     ("KV bytes per agent", "kv_bytes_per_agent"),
     ("dense KV bytes per agent", "dense_kv_bytes_per_agent"),
     ("KV tokens peak", "kv_tokens_peak"),
