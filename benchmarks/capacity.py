@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ref-agents", type=int, default=4, help="agents of the reference probe")
     ap.add_argument("--ref-repeats", type=int, default=3, help="reference probes (median)")
     ap.add_argument("--slo-ms", type=float, default=0.0, help="a given SLO (skips the reference)")
+    ap.add_argument(
+        "--no-slo",
+        dest="slo",
+        action="store_false",
+        help="resident capacity only (no reference, no SLO search): what the pool holds",
+    )
     ap.add_argument("--max-agents", type=int, default=64)
     ap.add_argument(
         "--no-resident",
@@ -152,14 +158,18 @@ def run_workload(
     extra = server_extra(args)
     cap = min(args.max_agents, spec.max_agents() or args.max_agents)
     ref = None
-    if args.slo_ms > 0:
+    slo: float | None = None
+    if not args.slo:
+        if not args.resident:
+            raise ValueError("--no-slo with --no-resident leaves nothing to search")
+    elif args.slo_ms > 0:
         slo = args.slo_ms
     else:
         srv = pool.get(pool.key(model, "off", args.ratio, extra))
         common.warm_up(srv.url)
         ref = reference(srv.url, spec, args)
         slo = args.slo_k * ref["latency_ms"]
-    logger.info("%s: SLO %.0f ms per round (reference %s)", workload, slo, ref)
+    logger.info("%s: SLO %s ms per round (reference %s)", workload, slo, ref)
     per_mode: dict[str, Any] = {}
     for key in pool.order([pool.key(model, m, args.ratio, extra) for m in args.modes]):
         srv = pool.get(key)
@@ -180,7 +190,8 @@ def run_workload(
         resident: int | None = None
         error = None
         try:
-            capacity = search(check, cap)
+            if slo is not None:
+                capacity = search(check, cap)
             if args.resident:
                 resident = search(check_resident, cap)
         except Exception as e:  # a dead server must not lose the other modes' results
@@ -204,7 +215,7 @@ def run_workload(
     ratios = {
         f"tokendance/{b}": common.ratio(caps["tokendance"], caps[b])
         for b in ("off", "pic")
-        if "tokendance" in caps and b in caps
+        if slo is not None and "tokendance" in caps and b in caps
     }
     res_ratios = {
         f"tokendance/{b}": common.ratio(res_caps["tokendance"], res_caps[b])
@@ -212,10 +223,8 @@ def run_workload(
         if args.resident and "tokendance" in res_caps and b in res_caps
     }
     return {
-        "slo_ms": round(slo, 2),
-        "slo_source": "given (--slo-ms)"
-        if ref is None
-        else f"{args.slo_k:g} x off at {args.ref_agents} agents",
+        "slo_ms": None if slo is None else round(slo, 2),
+        "slo_source": _slo_source(args, ref),
         "reference": ref,
         "max_agents": cap,
         "per_mode": per_mode,
@@ -224,6 +233,14 @@ def run_workload(
         "resident_capacity": res_caps,
         "resident_ratios": res_ratios,
     }
+
+
+def _slo_source(args: argparse.Namespace, ref: dict[str, Any] | None) -> str:
+    if not args.slo:
+        return "none (--no-slo: resident capacity only)"
+    if ref is None:
+        return "given (--slo-ms)"
+    return f"{args.slo_k:g} x off at {args.ref_agents} agents"
 
 
 def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict[str, Any]:
@@ -256,6 +273,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             "shared_words": args.shared_words,
             "slo_k": args.slo_k,
             "slo_ms": args.slo_ms or None,
+            "slo_search": args.slo,
             "ref_agents": args.ref_agents,
             "ref_repeats": args.ref_repeats,
             "max_agents": args.max_agents,
@@ -290,7 +308,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
             for n, lat, ok in pts:
                 ax.scatter([n], [lat], color=c if ok else "none", edgecolors=c, zorder=3)
             ax.axvline(v["capacity"] or 0, color=c, ls="--", lw=1, label=f"{mode}: {v['capacity']}")
-        ax.axhline(w["slo_ms"], color="grey", lw=1, label=f"SLO {w['slo_ms']:.0f} ms")
+        if w["slo_ms"] is not None:
+            ax.axhline(w["slo_ms"], color="grey", lw=1, label=f"SLO {w['slo_ms']:.0f} ms")
         ax.set_title(f"{workload}, pool {result['config']['pool_tokens']} (hollow: not served)")
         ax.set_xlabel("agents per round")
         ax.set_ylabel("worst round latency (ms)")
@@ -312,26 +331,36 @@ def markdown(result: dict[str, Any]) -> str:
     for workload, w in result["workloads"].items():
         lines += [
             "",
-            f"**{workload}**: SLO {w['slo_ms']:.0f} ms ({w['slo_source']}{_ref(w)}), at most "
+            f"**{workload}**: SLO {_ms(w['slo_ms'])} ({w['slo_source']}{_ref(w)}), at most "
             f"{w['max_agents']} agents.",
             "",
             "| mode | capacity under the SLO | resident capacity | probes (N: served, worst "
-            "round ms, resident) |",
+            "round ms, resident, peak KV tokens of the rounds) |",
             "|---|---|---|---|",
         ]
         for m, v in w["per_mode"].items():
             pr = ", ".join(
                 f"{p['agents']}: {'y' if p['served'] else 'n'} {p['worst_round_ms']:.0f} "
-                f"{'r' if p.get('resident') else '-'}"
+                f"{'r' if p.get('resident') else '-'}{_peaks(p)}"
                 for p in v["probes"]
             )
             cap = v["capacity"] if v["error"] is None else f"failed ({v['error']})"
+            cap = "n/a" if cap is None else cap
             res = v.get("resident_capacity")
             res_s = "n/a" if res is None else f"{res}{' (capped)' if v['resident_capped'] else ''}"
             lines.append(f"| {m} | {cap}{' (capped)' if v['capped'] else ''} | {res_s} | {pr} |")
         lines += [f"\n{k} (SLO): {r}x" for k, r in w["ratios"].items()]
         lines += [f"\n{k} (resident): {r}x" for k, r in w.get("resident_ratios", {}).items()]
     return "\n".join(lines)
+
+
+def _ms(ms: float | None) -> str:
+    return "none" if ms is None else f"{ms:.0f} ms"
+
+
+def _peaks(p: dict[str, Any]) -> str:
+    peaks = [k for k in p.get("kv_tokens_peak") or [] if k is not None]
+    return f" {'/'.join(str(k) for k in peaks)}" if peaks else ""
 
 
 def _ref(w: dict[str, Any]) -> str:
@@ -348,7 +377,9 @@ def summary_line(result: dict[str, Any]) -> str:
         rat = ", ".join(f"{k} {v}x" for k, v in w["ratios"].items())
         res = ", ".join(f"{k} {v}x" for k, v in w.get("resident_ratios", {}).items())
         rat += f"; resident {res}" if res else ""
-        parts.append(f"{workload} (SLO {w['slo_ms']:.0f} ms): {caps}{'; ' + rat if rat else ''}")
+        rcaps = ", ".join(f"{m} {c}" for m, c in w.get("resident_capacity", {}).items())
+        caps = caps if w["slo_ms"] is not None else f"resident {rcaps}"
+        parts.append(f"{workload} (SLO {_ms(w['slo_ms'])}): {caps}{'; ' + rat if rat else ''}")
     return (
         f"capacity at {result['config']['pool_tokens']} KV tokens: "
         + " | ".join(parts)

@@ -89,7 +89,9 @@ def probe(url: str, spec: TraceSpec, n: int, slo_ms: float | None) -> dict[str, 
     trace = spec.trace(n)
     common.flush_cache(url)
     t0 = time.perf_counter()
-    res = common.run_rounds(url, trace, common.run_prefix(f"cap{n}"), timeout_s=900.0)
+    prefix = common.run_prefix(f"cap{n}")
+    res = common.run_rounds(url, trace, prefix, timeout_s=900.0)
+    kv = _round_kv(url, prefix, sorted(trace.rounds()))
     lats = [lat for lat, _ in res]
     reps = [r for _, rr in res for r in rr]
     ok = all(r.ok for r in reps)
@@ -112,10 +114,25 @@ def probe(url: str, spec: TraceSpec, n: int, slo_ms: float | None) -> dict[str, 
         # finished (prefill runs before decode in SGLang, so they waited for KV)
         "agents_waited": waited,
         "resident": ok and retractions == 0 and not any(waited),
+        # the server's peak of KV held for running work in each round (tokens), and the pool:
+        # a resident limit with the peak near the pool is the pool's arithmetic
+        "kv_tokens_peak": kv["peaks"],
+        "pool_saturated": kv["saturated"],
         "prompt_tokens": sum(r.prompt_tokens for r in reps),
         "cached_tokens": sum(r.cached_tokens for r in reps),
         "loadavg_1min": common.loadavg(),
         "wall_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _round_kv(url: str, prefix: str, rounds: list[int]) -> dict[str, list[Any]]:
+    """Per round of the probe: the server's KV peak (tokens) and whether the pool was
+    saturated (None where the server keeps no record of the round)."""
+    stats = common.get_stats(url)
+    recs = [common.round_stats(stats, f"{prefix}r{r}") or {} for r in rounds]
+    return {
+        "peaks": [rec.get("kv_tokens_peak") for rec in recs],
+        "saturated": [rec.get("pool_saturated") for rec in recs],
     }
 
 

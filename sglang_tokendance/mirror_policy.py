@@ -18,7 +18,7 @@ import torch
 from sglang_tokendance.accounting import Counters
 from sglang_tokendance.attention.mirror_deviation import bin_counts
 from sglang_tokendance.cache.api import CollectorCache
-from sglang_tokendance.cache.row_plan import RowLayout, SharedUse
+from sglang_tokendance.cache.row_plan import RowLayout
 from sglang_tokendance.cache.rows import index_runs
 from sglang_tokendance.config import TokenDanceConfig
 
@@ -48,64 +48,87 @@ class MirrorPolicy:
 
     def attach(self, req: Any, lay: RowLayout) -> None:
         """After a reuse agent's prefill: its recomputed slots become mirrors, or go back to
-        the master (drop, and threshold for the ones close to it)."""
+        the master (drop, and threshold for the ones close to it).
+
+        One pass over the whole row, not one per segment (an agent of an N-agent round reuses
+        N segments): the recomputed entries of every segment are found through the inverse of
+        ``row_pos``, judged in one call and repointed in one call::
+
+            uses:      s1 (recompute 0,1)   s2 (recompute 0)
+            true_pos:  [s1.start+0, s1.start+1, s2.start+0]     (segment order, ascending)
+            idx:       inv[true_pos] -> their row entries (fresh region, ascending)
+            seg_of:    [0, 0, 1]                                 (which use each entry is)
+        """
         row = req.kv.req_pool_idx
         if row is None or lay.row_pos is None:
             return
-        picks: list[tuple[SharedUse, torch.Tensor, torch.Tensor]] = []
-        for use in lay.shared:
-            if use.node is None or use.recompute is None or use.recompute.numel() == 0:
-                continue
-            # row entries whose true position is in this segment's recompute set
-            idx = torch.nonzero(torch.isin(lay.row_pos, use.recompute + use.start)).flatten()
-            if idx.numel() != use.recompute.numel():
-                continue  # the last token was forced fresh etc.: keep it request-owned
-            idx = idx[torch.argsort(lay.row_pos[idx])]
-            picks.append((use, idx, use.recompute + use.node_offset))
-        keeps = self._keep_masks(row, picks)
-        for (use, idx, indices), keep in zip(picks, keeps, strict=True):
-            drop = ~keep
-            if bool(drop.any()):
-                # the agent's later prompt tokens already attended to the corrected KV; from
-                # now on its row reads the master's (rotated by the position difference)
-                self.cache.repoint_row(
-                    row, idx[drop], use.node, indices[drop], lay.round_id, record=not keep.any()
-                )
-            if bool(keep.any()):
-                slots = self.cache.row_slots(row, idx[keep])
+        uses = [
+            u
+            for u in lay.shared
+            if u.node is not None and u.recompute is not None and u.recompute.numel()
+        ]
+        if not uses:
+            return
+        sizes = [int(u.recompute.numel()) for u in uses]
+        recompute = [u.recompute.to(torch.int64) for u in uses]
+        inv = torch.empty_like(lay.row_pos)
+        inv[lay.row_pos] = torch.arange(lay.row_pos.numel(), dtype=lay.row_pos.dtype)
+        idx = inv[torch.cat([r + u.start for r, u in zip(recompute, uses, strict=True)])]
+        indices = [r + u.node_offset for r, u in zip(recompute, uses, strict=True)]  # node-local
+        master = torch.cat([u.node.master_slots[i] for u, i in zip(uses, indices, strict=True)])
+        mine = self.cache.row_slots(row, idx)
+        keep = self._keep_mask(mine, master.to(torch.int64))
+        seg_of = torch.repeat_interleave(torch.arange(len(uses)), torch.tensor(sizes))
+        kept = torch.bincount(seg_of[keep], minlength=len(uses)).tolist()
+        drop = ~keep
+        if bool(drop.any()):
+            dropped = [k < n for k, n in zip(kept, sizes, strict=True)]
+            # the agent's later prompt tokens already attended to the corrected KV; from now
+            # on its row reads the master's (rotated by the position difference)
+            self.cache.repoint_row(
+                row,
+                idx[drop],
+                master[drop],
+                [u.node for u, d in zip(uses, dropped, strict=True) if d],
+                lay.round_id,
+                no_diff=[u.node for u, k in zip(uses, kept, strict=True) if not k],
+            )
+        if not any(kept):
+            return
+        off = 0
+        for use, ind, n, k in zip(uses, indices, sizes, kept, strict=True):
+            if k:
+                sel = keep[off : off + n]
                 self.cache.attach_mirror(
                     lay.round_id,
                     lay.agent,
                     use.node,
-                    indices[keep],
-                    slots,
+                    ind[sel],
+                    mine[off : off + n][sel],
                     req_pool_idx=row,
                     at=use.start,
                 )
-                self.cache.claim_row_ranges(row, index_runs(idx[keep]))
+            off += n
+        self.cache.claim_row_ranges(row, index_runs(torch.sort(idx[keep]).values))
 
-    def _keep_masks(
-        self, row: int, picks: list[tuple[SharedUse, torch.Tensor, torch.Tensor]]
-    ) -> list[torch.Tensor]:
-        """Which recomputed slots of each segment stay the agent's (``--tokendance-mirror``):
-        all (keep), none (drop), or those whose K/V deviates from the master's by more than
-        eps (threshold: one measurement over every segment of the row)."""
-        sizes = [int(idx.numel()) for _, idx, _ in picks]
+    def _keep_mask(self, mine: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+        """Which recomputed slots stay the agent's (``--tokendance-mirror``): all (keep), none
+        (drop), or those whose K/V deviates from the master's by more than eps (threshold: one
+        measurement over every segment of the row)."""
+        n = int(mine.numel())
         mode = self.cfg.mirror
         if mode == "threshold" and self.cfg.recompute_ratio >= 1.0:
             mode = "keep"  # ratio 1.0 asks for full prefill's outputs: no fidelity trade-off
-        if mode == "threshold" and self.judge is not None and sum(sizes):
-            mine = self.cache.row_slots(row, torch.cat([idx for _, idx, _ in picks]))
-            master = torch.cat([u.node.master_slots[i.to(torch.int64)] for u, _, i in picks])
+        if mode == "threshold" and self.judge is not None and n:
             dev = self.judge.deviation(mine, master)
             self._count_deviation(dev)
-            return list(torch.split(dev > self.cfg.mirror_eps, sizes))
+            return dev > self.cfg.mirror_eps
         keep = mode == "keep" or (mode == "threshold" and self.judge is None)
         if keep:
-            self.counters.mirror_slots_kept += sum(sizes)
+            self.counters.mirror_slots_kept += n
         else:
-            self.counters.mirror_slots_freed += sum(sizes)
-        return [torch.full((n,), keep, dtype=torch.bool) for n in sizes]
+            self.counters.mirror_slots_freed += n
+        return torch.full((n,), keep, dtype=torch.bool)
 
     def _count_deviation(self, dev: torch.Tensor) -> None:
         c = self.counters

@@ -130,11 +130,12 @@ def test_capacity_quick_searches_under_a_given_slo(
     base = ["--quick", "--modes", "tokendance", "--workloads", "society", "--pool", "0"]
     base += ["--max-agents", "2", "--server-args", "", "--model", "tiny"]
     results = {}
-    for name, slo_ms in (("ample", "600000"), ("impossible", "1")):
+    runs = {"ample": ["--slo-ms", "600000"], "impossible": ["--slo-ms", "1"], "pool": ["--no-slo"]}
+    for name, flags in runs.items():
         out = tmp_path / name
         with common.ServerPool(tmp_path / "logs", max_alive=1) as pool:
             pool.register(pool.key(tiny_llama, "tokendance", 0.15, ()), url)
-            assert capacity.main([*base, "--slo-ms", slo_ms, "--out", str(out)], pool=pool) == 0
+            assert capacity.main([*base, *flags, "--out", str(out)], pool=pool) == 0
             assert pool.started == []  # the shared server served every probe
         results[name] = json.loads((out / "capacity.json").read_text())
         assert (out / "capacity.png").stat().st_size > 0
@@ -147,6 +148,11 @@ def test_capacity_quick_searches_under_a_given_slo(
     assert all(p["served"] and p["retractions"] == 0 for p in td["probes"])
     assert all(len(p["round_latencies_ms"]) == 2 for p in td["probes"])  # every round judged
     assert td["resident_capacity"] == 2 and td["resident_capped"]  # the pool holds both
+    # each probe carries the server's KV peak of each of its rounds (what the pool held)
+    assert all(len(p["kv_tokens_peak"]) == 2 and min(p["kv_tokens_peak"]) > 0 for p in td["probes"])
+    two = next(p for p in td["probes"] if p["agents"] == 2)
+    one = next(p for p in td["probes"] if p["agents"] == 1)
+    assert two["kv_tokens_peak"][1] > one["kv_tokens_peak"][1]
     # a 1 ms SLO: N=1 answers in full but misses the SLO (tried twice), so nothing is served;
     # residency has no latency condition, so the same server is still resident at N = 1, 2
     imp = results["impossible"]["workloads"]["society"]
@@ -155,3 +161,8 @@ def test_capacity_quick_searches_under_a_given_slo(
     assert miss["resident"] and res2["agents"] == 2 and res2["resident"]
     assert res2["agents_waited"] == [0, 0] and "latency_tries_ms" not in res2
     assert imp["capacity"]["tokendance"] == 0 and imp["resident_capacity"]["tokendance"] == 2
+    # --no-slo: no reference and no SLO search, the resident search alone
+    pool_only = results["pool"]["workloads"]["society"]
+    assert pool_only["slo_ms"] is None and pool_only["reference"] is None
+    assert pool_only["capacity"]["tokendance"] is None and pool_only["ratios"] == {}
+    assert pool_only["resident_capacity"]["tokendance"] == 2

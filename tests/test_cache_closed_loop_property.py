@@ -114,7 +114,12 @@ class ClosedLoop(RuleBasedStateMachine):
         # with ``twice`` the prompt holds the segment a second time (two agents said the same)
         if drop:  # --tokendance-mirror drop: the recomputed slot goes, the row reads the master
             self.cache.repoint_row(
-                row, torch.tensor([end]), node, torch.tensor([offset]), f"r{self.round}"
+                row,
+                torch.tensor([end]),
+                node.master_slots[offset : offset + 1],
+                [node],
+                f"r{self.round}",
+                no_diff=[node],
             )
             self.running.append(req)
             return

@@ -32,7 +32,10 @@ class FakeCache:
     claims: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
     pins: list[tuple[int, int | None]] = field(default_factory=list)
     mirrors: list[tuple[str, str, int, int, int | None]] = field(default_factory=list)
-    repointed: list[tuple[int, list[int], list[int], bool]] = field(default_factory=list)
+    # (row, row entries, master slots they now read, nodes pinned, nodes counted with no diff)
+    repointed: list[tuple[int, list[int], list[int], list[int], list[int]]] = field(
+        default_factory=list
+    )
 
     def lookup_segment(self, token_ids: Sequence[int]) -> AllGatherNode | None:
         return self.store.lookup(token_ids)
@@ -47,8 +50,9 @@ class FakeCache:
         self.mirrors.append((round_id, agent, node.node_id, at, req_pool_idx))
         return self.store.attach_mirror(round_id, agent, node, indices, slots, at)
 
-    def repoint_row(self, row, index, node, node_index, round_id, *, record=True):  # noqa: ANN001, ANN201
-        self.repointed.append((row, index.tolist(), node_index.tolist(), record))
+    def repoint_row(self, row, index, master_slots, nodes, round_id, *, no_diff=()):  # noqa: ANN001, ANN201
+        ids = [n.node_id for n in nodes], [n.node_id for n in no_diff]
+        self.repointed.append((row, index.tolist(), master_slots.tolist(), *ids))
         return int(index.numel())
 
     def claim_row_ranges(self, req_pool_idx: int, ranges: Iterable[tuple[int, int]]) -> None:
@@ -187,7 +191,7 @@ def test_threshold_keeps_only_the_slots_that_deviate_from_the_master() -> None:
     # row 2's recomputed entries 11, 12 hold s1[0], s1[1]; master slots 1003, 1004 (row 1)
     col, cache, judge = _threshold_round(0.1, {11: 0.5, 12: 0.01})
     assert judge.asked == [([2011, 2012], [1003, 1004])]  # one measurement for the row
-    assert cache.repointed == [(2, [12], [1], False)]  # s1[1] reads the master again
+    assert cache.repointed == [(2, [12], [1004], [0], [])]  # s1[1] reads the master again
     (mirror,) = cache.store.mirrors()
     assert mirror.indices.tolist() == [0] and mirror.slots.tolist() == [2011]
     assert (2, [(11, 12)]) in cache.claims
@@ -199,7 +203,7 @@ def test_threshold_at_the_extremes_is_keep_and_drop() -> None:
     _, keep, _ = _threshold_round(0.0, {11: 0.5, 12: 0.01})
     assert keep.repointed == [] and len(list(keep.store.mirrors())) == 1
     _, drop, _ = _threshold_round(1e9, {11: 0.5, 12: 0.01})
-    assert drop.repointed == [(2, [11, 12], [0, 1], True)]  # the ledger sees a view, no diff
+    assert drop.repointed == [(2, [11, 12], [1003, 1004], [0], [0])]  # a view, no diff
     assert list(drop.store.mirrors()) == []
 
 

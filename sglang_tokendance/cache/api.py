@@ -56,9 +56,9 @@ class CollectorCache(Protocol):
         self,
         req_pool_idx: int,
         index: torch.Tensor,
-        node: AllGatherNode,
-        node_index: torch.Tensor,
+        master_slots: torch.Tensor,
+        nodes: Sequence[AllGatherNode],
         round_id: str,
         *,
-        record: bool = True,
+        no_diff: Sequence[AllGatherNode] = (),
     ) -> int: ...

@@ -388,35 +388,36 @@ class TokenDanceRadixCache(RadixCache):
         self,
         req_pool_idx: int,
         index: torch.Tensor,
-        node: AllGatherNode,
-        node_index: torch.Tensor,
+        master_slots: torch.Tensor,
+        nodes: Sequence[AllGatherNode],
         round_id: str,
         *,
-        record: bool = True,
+        no_diff: Sequence[AllGatherNode] = (),
     ) -> int:
-        """Point a running row's entries ``index`` at ``node``'s master slots ``node_index``
-        and free the slots they held (``--tokendance-mirror drop``, and ``threshold`` for the
-        slots close to the master's); returns slots freed.
+        """Point a running row's entries ``index`` at ``master_slots`` (slots of ``nodes``'
+        masters) and free the slots they held (``--tokendance-mirror drop``, and ``threshold``
+        for the slots close to the master's); returns slots freed. One call per row: the
+        entries of every segment the row drops at once.
 
-        ``record``: count the view in the round ledger as one with no diff (False when the
-        same view also keeps a mirror, which the ledger counts when it is attached).
+        ``no_diff``: the views to count in the round ledger as ones with no diff (a view that
+        also keeps a mirror is counted when the mirror is attached).
 
         The entries must be the request's own (fresh) slots. They become claimed (foreign) and
-        the row pins ``node``, so releasing the request frees neither the master nor anything
-        twice; the row's true positions stay, so attention rotates the master's keys by the
-        difference, as for any reused entry.
+        the row pins every node of ``nodes``, so releasing the request frees neither a master
+        nor anything twice; the row's true positions stay, so attention rotates the master's
+        keys by the difference, as for any reused entry.
         """
         idx = index.to(torch.int64)
         table = self.req_to_token_pool.req_to_token
         old = table[req_pool_idx, idx].to(torch.int64).clone()
-        master = node.master_slots[node_index.to(torch.int64)]
-        table[req_pool_idx, idx] = master.to(device=table.device, dtype=table.dtype)
+        table[req_pool_idx, idx] = master_slots.to(device=table.device, dtype=table.dtype)
         if self.positions is not None:
             self.positions.row_changed(req_pool_idx)
-        self.pin_segment(node, req_pool_idx)
-        self.claim_row_ranges(req_pool_idx, index_runs(idx))
+        for node in nodes:
+            self.pin_segment(node, req_pool_idx)
+        self.claim_row_ranges(req_pool_idx, index_runs(torch.sort(idx).values))
         self.token_to_kv_pool_allocator.free(old.to(self.token_to_kv_pool_allocator.device))
-        if record:
+        for node in no_diff:
             self.ledger.record_use(round_id, node, 0)  # a view of the master with no diff
         return int(old.numel())
 
