@@ -655,9 +655,9 @@ async def _run_rounds(
 ) -> list[tuple[float, list[Reply]]]:
     out = []
     widest = max(len(trace.rounds()[r]) for r in rounds)
-    conn = aiohttp.TCPConnector(limit=max(1, widest))
-    tmo = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=tmo, connector=conn) as session:
+    from sglang_tokendance.replay.client import make_session
+
+    async with make_session(timeout_s, widest) as session:
         for rnd in rounds:
             bodies = round_bodies(trace, rnd, prefix, **kw)
             t0 = time.perf_counter()

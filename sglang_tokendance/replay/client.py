@@ -145,9 +145,17 @@ async def fetch_server_info(session: aiohttp.ClientSession, url: str) -> dict[st
     return await get_json(session, url, "/server_info")
 
 
+# SGLang's HTTP server closes a keep-alive connection after 5 idle seconds
+# (SGLANG_TIMEOUT_KEEP_ALIVE); aiohttp keeps one for 15 by default, so a request sent on a
+# connection the server is closing that instant fails with "Server disconnected". Agents of a
+# round finish seconds apart, so the next round meets such connections: drop them first.
+KEEPALIVE_S = 2.0
+
+
 def make_session(timeout_s: float, limit: int) -> aiohttp.ClientSession:
-    """An aiohttp session with a total per-request timeout and a connection limit."""
-    connector = aiohttp.TCPConnector(limit=max(1, limit))
+    """An aiohttp session with a total per-request timeout and a connection limit; idle
+    connections are dropped before the server's keep-alive timeout (:data:`KEEPALIVE_S`)."""
+    connector = aiohttp.TCPConnector(limit=max(1, limit), keepalive_timeout=KEEPALIVE_S)
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=timeout_s), connector=connector
     )
