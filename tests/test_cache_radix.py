@@ -242,3 +242,32 @@ def test_reset_forgets_masters_and_layouts() -> None:
     assert len(cache.store) == 0 and node.evicted and not cache.positions.has_layout(1)
     assert (cache.evictable_size(), cache.protected_size()) == (0, 0)
     cache.check_integrity()
+
+
+def test_a_queued_row_whose_master_was_evicted_recomputes_that_segment() -> None:
+    # A reuse agent planned against masters waits in SGLang's queue; meanwhile one master is
+    # evicted to make room. Its match must re-plan that segment as fresh, never pin a dead node
+    # (this crashed the scheduler at 128 agents on a 65,536-token pool).
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from sglang_tokendance.cache.row_plan import RowLayout, SharedUse
+    from sglang_tokendance.state import RequestState, attach
+
+    cache, pools = td_cache(64)
+    kept = cache.insert_segment([50, 51, 52, 53], alloc(pools, 4), torch.arange(3, 7)).node
+    gone = cache.insert_segment([60, 61, 62, 63], alloc(pools, 4), torch.arange(7, 11)).node
+    ids = [1, 2, 3, 50, 51, 52, 53, 60, 61, 62, 63, 9]
+    uses = [SharedUse("s1", 3, 7, kept, torch.tensor([0])), SharedUse("s2", 7, 11, gone)]
+    uses[1].recompute = torch.tensor([0])
+    req = Req("q", "", array("q", ids), SamplingParams(max_new_tokens=1))
+    attach(req, RequestState("b", "r1", 2, layout=RowLayout("r1", "b", ids, 3, uses)))
+    assert cache.evict_segment(gone) == 4 and gone.evicted
+    res = cache.match_prefix(MatchPrefixParams(key=rkey(ids), req=req))
+    assert uses[1].node is None and uses[1].recompute is None  # computed fresh, no pin
+    assert res.device_prefix_len == 3  # only s1's three kept master slots are reused
+    # row: [s1's kept master slots][fresh, true order: prefix, s1[0], s2, suffix]
+    assert list(req.origin_input_ids) == [51, 52, 53, 1, 2, 3, 50, 60, 61, 62, 63, 9]
+    assert kept.pin_count == 1 and gone.pin_count == 0

@@ -20,6 +20,7 @@ points where SGLang asks the tree cache about a request:
 
 from __future__ import annotations
 
+import logging
 from array import array
 from typing import Any
 
@@ -35,11 +36,28 @@ from sglang_tokendance.state import layout_of, state_of
 
 from .row_plan import RowLayout, plan_row
 
+logger = logging.getLogger(__name__)
+
 
 def _unpin_match_pins(cache: Any, lay: RowLayout) -> None:
     for node in lay.reused_nodes:
         cache.store.unpin(node)
     lay.reused_nodes = []
+
+
+def _forget_evicted_masters(lay: RowLayout) -> None:
+    """A request planned against a master may wait in SGLang's queue (pool full) while that
+    master, unpinned until admission, is evicted to make room. Its segment is then computed
+    fresh in this agent's context, as a segment with no master (and becomes a master again
+    when the prefill is done). pic rows are handled by their own plan (``_plan_blend``)."""
+    if lay.blend:
+        return
+    for use in lay.shared:
+        if use.node is not None and use.node.evicted:
+            logger.debug(
+                "master %d evicted while %s waited: recomputed", use.node.node_id, lay.agent
+            )
+            use.node, use.recompute, use.node_offset = None, None, 0
 
 
 def match_laid_out(cache: Any, super_match: Any, params: MatchPrefixParams, lay: RowLayout) -> Any:
@@ -53,6 +71,7 @@ def match_laid_out(cache: Any, super_match: Any, params: MatchPrefixParams, lay:
     res = super_match(MatchPrefixParams(key=key))
     c = min(res.device_prefix_len, lay.prefix_len)
     _unpin_match_pins(cache, lay)  # a re-match (request not admitted last time) re-plans
+    _forget_evicted_masters(lay)
     plan = plan_row(lay, c)
     for node in plan.reused_nodes:  # before allocation can evict anything
         cache.store.pin(node)
