@@ -5,4 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
+# Test this checkout's package: the environment's .pth imports sglang_tokendance at interpreter
+# start, from wherever it was installed (editable), before the working directory is on sys.path.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

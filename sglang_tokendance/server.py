@@ -2,7 +2,7 @@
 
 ``ServerProcess`` runs ``python -m sglang.launch_server`` in its own process group with the CPU
 flags SGLang 0.5.23 needs, waits until it answers, and always kills the whole group on exit,
-even when the caller fails.
+even when the caller fails. :func:`start_all` starts several at once.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -67,6 +68,8 @@ def build_command(model_path: str | Path, port: int, extra: list[str] | None = N
         argv += ["--port", str(port)]
     return argv + extra
 
+
+POLL_S = 0.2  # between /health_generate polls while a server starts
 
 BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
 _SIZE_FLAGS = {"--dp-size": "dp", "--dp": "dp", "--tp-size": "tp", "--tp": "tp"}
@@ -151,13 +154,10 @@ class ServerProcess:
         self.startup_timeout_s = startup_timeout_s
         self.env = {**server_env(self.argv), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._deadline = 0.0
 
-    def start(self) -> ServerProcess:
-        """Start the server and wait until /health_generate answers.
-
-        Raises:
-            RuntimeError: if the process exits or does not answer in time (log tail included).
-        """
+    def launch(self) -> ServerProcess:
+        """Start the server process without waiting for it (then :meth:`wait_ready`)."""
         logger.info("starting: %s", " ".join(self.argv))
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process in stop()
         self._log_file = log
@@ -168,8 +168,19 @@ class ServerProcess:
             env=self.env,
             start_new_session=True,
         )
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
+        self._deadline = time.monotonic() + self.startup_timeout_s
+        return self
+
+    def wait_ready(self) -> ServerProcess:
+        """Wait until the launched server's /health_generate answers (``startup_timeout_s``
+        from :meth:`launch`).
+
+        Raises:
+            RuntimeError: if the process exits or does not answer in time (log tail included);
+                the server is stopped first.
+        """
+        assert self.proc is not None, "launch() first"
+        while time.monotonic() < self._deadline:
             if self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(
@@ -180,22 +191,29 @@ class ServerProcess:
                     return self
             except requests.RequestException:
                 pass
-            time.sleep(0.5)
+            time.sleep(POLL_S)
         self.stop()
         raise RuntimeError(
             f"SGLang server did not answer in {self.startup_timeout_s}s:\n{self.log_tail()}"
         )
 
+    def start(self) -> ServerProcess:
+        """Start the server and wait until /health_generate answers.
+
+        Raises:
+            RuntimeError: if the process exits or does not answer in time (log tail included).
+        """
+        return self.launch().wait_ready()
+
     def stop(self) -> None:
-        """Stop the whole process group (SIGTERM, then SIGKILL after 15 s)."""
+        """Kill the whole process group (launcher, scheduler, detokenizer) and reap it.
+
+        SIGKILL at once: on SIGTERM SGLang drains for 5 s (and a SIGTERM that reaches the
+        scheduler first makes the launcher sleep 5 s before its crash diagnostics), while a
+        test or replay server holds nothing that outlives it.
+        """
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
         try:  # children (scheduler, detokenizer) share the group
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -224,3 +242,23 @@ class ServerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def start_all(servers: Iterable[ServerProcess]) -> list[ServerProcess]:
+    """Start ``servers`` concurrently: launch every process, then wait for each.
+
+    Most of a start is CPU-bound imports in three processes per server, so on 2 cores N servers
+    take about half the time of N one after another. If any fails to start, every one is
+    stopped and the first error is raised.
+    """
+    servers = list(servers)
+    try:
+        for srv in servers:
+            srv.launch()
+        for srv in servers:
+            srv.wait_ready()
+    except BaseException:
+        for srv in servers:
+            srv.stop()
+        raise
+    return servers

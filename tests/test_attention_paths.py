@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from roundclient import generate, round_bodies, run_round, stats
 
-from sglang_tokendance.server import ServerProcess
+from sglang_tokendance.server import ServerProcess, start_all
 from sglang_tokendance.trace import generative_agents
 
 INTERP = {"TRITON_INTERPRET": "1"}
@@ -33,11 +33,12 @@ def servers(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
         "stock_torch": ([], None),
         "td_torch": (TD + ["--tokendance-attention", "torch"], None),
     }
-    started: dict[str, ServerProcess] = {}
+    started = {
+        name: ServerProcess(tiny_llama, flags, log_path=tmp / f"{name}.log", env=env)
+        for name, (flags, env) in specs.items()
+    }
+    start_all(started.values())  # together; stops all of them if one fails
     try:
-        for name, (flags, env) in specs.items():
-            srv = ServerProcess(tiny_llama, flags, log_path=tmp / f"{name}.log", env=env)
-            started[name] = srv.start()
         yield {k: v.url for k, v in started.items()}
     finally:
         for srv in started.values():

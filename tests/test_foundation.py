@@ -68,14 +68,24 @@ def test_greedy_outputs_match_hf_llama_with_and_without_tokendance(
 
 
 def test_greedy_outputs_match_hf_qwen2_with_and_without_tokendance(
-    tiny_qwen2: Path, start_server
+    tiny_qwen2: Path, tmp_path: Path
 ) -> None:
-    expected = [_hf_greedy(tiny_qwen2, p) for p in PROMPTS]
-    for extra in ([], ["--enable-tokendance"]):
-        srv = start_server(tiny_qwen2, extra)
-        got = [_sglang_greedy(srv.url, p) for p in PROMPTS]
-        assert got == expected, f"flags {extra}: SGLang {got} != HF {expected}"
-        srv.stop()
+    flags: list[list[str]] = [[], ["--enable-tokendance"]]
+    servers = [
+        ServerProcess(tiny_qwen2, extra, log_path=tmp_path / f"server{i}.log")
+        for i, extra in enumerate(flags)
+    ]
+    try:
+        for srv in servers:  # both start while HF computes the expected tokens
+            srv.launch()
+        expected = [_hf_greedy(tiny_qwen2, p) for p in PROMPTS]
+        for srv, extra in zip(servers, flags, strict=True):
+            srv.wait_ready()
+            got = [_sglang_greedy(srv.url, p) for p in PROMPTS]
+            assert got == expected, f"flags {extra}: SGLang {got} != HF {expected}"
+    finally:
+        for srv in servers:
+            srv.stop()
 
 
 def test_tokendance_server_answers_generate_and_completions(
@@ -120,22 +130,49 @@ def test_stock_server_does_not_mention_tokendance(llama_stock: ServerProcess) ->
     assert r.status_code == 404
 
 
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--tokendance-recompute-ratio", "1.5"], "must be in [0, 1], got 1.5"),
-        (["--tokendance-mode", "dense"], "invalid choice: 'dense'"),
-        (["--tokendance-round-timeout-ms", "-3"], "must be > 0 milliseconds"),
-        (["--page-size", "16"], "TokenDance requires --page-size 1"),
-    ],
-)
+BAD_OPTIONS = [
+    (["--tokendance-recompute-ratio", "1.5"], "must be in [0, 1], got 1.5"),
+    (["--tokendance-mode", "dense"], "invalid choice: 'dense'"),
+    (["--tokendance-round-timeout-ms", "-3"], "must be > 0 milliseconds"),
+    (["--page-size", "16"], "TokenDance requires --page-size 1"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_launches(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, ...], tuple[int, str]]:
+    """Every bad-option launch, run at once (each a real ``launch_server`` that must stop at
+    argument validation): flags -> (exit code, stdout + stderr)."""
+    tmp = tmp_path_factory.mktemp("bad-options")
+    procs = []
+    for i, (flags, _) in enumerate(BAD_OPTIONS):
+        cmd = build_command(tiny_llama, 1, ["--enable-tokendance", *flags])
+        out = open(tmp / f"launch{i}.log", "w+")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(cmd, env=server_env(), stdout=out, stderr=subprocess.STDOUT)
+        procs.append((tuple(flags), proc, out))
+    results = {}
+    try:
+        for flags, proc, out in procs:
+            proc.wait(timeout=120)
+            out.seek(0)
+            results[flags] = (proc.returncode, out.read())
+    finally:
+        for _, proc, out in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close()
+    return results
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_OPTIONS)
 def test_bad_option_stops_launch_with_clear_message(
-    tiny_llama: Path, flags: list[str], message: str
+    bad_launches: dict[tuple[str, ...], tuple[int, str]], flags: list[str], message: str
 ) -> None:
-    cmd = build_command(tiny_llama, 1, ["--enable-tokendance", *flags])
-    res = subprocess.run(cmd, env=server_env(), capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0
-    assert message in res.stderr + res.stdout
+    returncode, output = bad_launches[tuple(flags)]
+    assert returncode != 0
+    assert message in output
 
 
 def test_server_is_stopped_when_the_test_body_fails(tiny_llama: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from roundclient import generate, round_bodies, run_round, run_trace, stats
 
 from sglang_tokendance.hints import build_request
 from sglang_tokendance.models import build
-from sglang_tokendance.server import ServerProcess
+from sglang_tokendance.server import ServerProcess, start_all
 from sglang_tokendance.trace import generative_agents
 from sglang_tokendance.watch import ENV as WATCH_ENV
 
@@ -25,7 +25,7 @@ def servers(
     tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SimpleNamespace]:
     """mode off; pic at ratio 1.0; pic at 0.15 on a small pool with the integrity watch; pic
-    on the small Qwen2 model."""
+    on the small Qwen2 model. All four start together."""
     tmp = tmp_path_factory.mktemp("pic-servers")
     # the tiny model has 2 layers: check layer 0 leaves one layer to run on the subset
     pic = ["--enable-tokendance", "--tokendance-mode", "pic", "--tokendance-check-layer", "0"]
@@ -38,11 +38,11 @@ def servers(
         "qwen": (["--enable-tokendance", "--tokendance-mode", "pic"], {}),
     }
     started: dict[str, ServerProcess] = {}
+    for name, (flags, env) in specs.items():
+        model = build("small", "qwen2") if name == "qwen" else tiny_llama
+        started[name] = ServerProcess(model, flags, log_path=tmp / f"{name}.log", env=env)
+    start_all(started.values())  # stops all of them if one fails
     try:
-        for name, (flags, env) in specs.items():
-            model = build("small", "qwen2") if name == "qwen" else tiny_llama
-            srv = ServerProcess(model, flags, log_path=tmp / f"{name}.log", env=env)
-            started[name] = srv.start()
         yield SimpleNamespace(**{k: v.url for k, v in started.items()})
     finally:
         for srv in started.values():

@@ -14,7 +14,7 @@ from roundclient import generate, round_bodies, run_round, run_trace, segments_o
 from test_replay_shared import ROUND_TIMEOUT_S, shared_server
 
 from sglang_tokendance.hints import build_request
-from sglang_tokendance.server import ServerProcess
+from sglang_tokendance.server import ServerProcess, start_all
 from sglang_tokendance.trace import generative_agents
 
 WORKLOAD = dict(agents=8, rounds=3, seed=3, private_words=60, shared_words=18, max_tokens=4)
@@ -49,10 +49,9 @@ def servers(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, request)
             "1.0",
         ],
     }
-    started: dict[str, ServerProcess] = {}
+    started = {name: _server(tiny_llama, tmp, name, flags) for name, flags in specs.items()}
+    start_all(started.values())  # together; stops all of them if one fails
     try:
-        for name, flags in specs.items():
-            started[name] = _server(tiny_llama, tmp, name, flags).start()
         urls = {k: v.url for k, v in started.items()}
         urls["td"] = shared_server(request, tiny_llama, tmp_path_factory)
         yield {k: SimpleNamespace(url=u) for k, u in urls.items()}

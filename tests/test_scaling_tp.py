@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from roundclient import round_bodies, run_round, stats
 
+from sglang_tokendance.server import ServerProcess, start_all
 from sglang_tokendance.trace import generative_agents
 
 pytestmark = pytest.mark.server
@@ -31,12 +32,18 @@ def _run(url: str) -> tuple[list[list[int]], dict]:
     return [o["output_ids"] for o in whole + partial], stats(url)
 
 
-def test_tp2_rounds_equal_tp1_token_for_token(tiny_llama: Path, start_server) -> None:
-    one = start_server(tiny_llama, FLAGS)
-    ids1, s1 = _run(one.url)
-    one.stop()
-    two = start_server(tiny_llama, [*FLAGS, "--tp-size", "2"])  # sets the CPU threads bind
-    ids2, s2 = _run(two.url)
+def test_tp2_rounds_equal_tp1_token_for_token(tiny_llama: Path, tmp_path: Path) -> None:
+    one = ServerProcess(tiny_llama, FLAGS, log_path=tmp_path / "tp1.log")
+    # --tp-size 2 sets the CPU threads bind
+    two = ServerProcess(tiny_llama, [*FLAGS, "--tp-size", "2"], log_path=tmp_path / "tp2.log")
+    start_all([one, two])  # stops both if one fails
+    try:
+        ids1, s1 = _run(one.url)
+        one.stop()
+        ids2, s2 = _run(two.url)
+    finally:
+        one.stop()
+        two.stop()
     assert s2["tp_size"] == 2 and s1["tp_size"] == 1
     assert ids2 == ids1
     for s in (s1, s2):
