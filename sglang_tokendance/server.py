@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
+import psutil
 import requests
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ class ServerProcess:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        _wait_group_gone(self.proc.pid)
         if getattr(self, "_log_file", None) is not None:
             self._log_file.close()
             self._log_file = None
@@ -242,6 +244,29 @@ class ServerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Pids of the group's processes that are not zombies."""
+    live = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                live.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return live
+
+
+def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
+    """Wait until every process of the killed group has exited: the launcher dies at once, but
+    a scheduler in the middle of a forward may take a moment to go (zombies left to an init
+    that does not reap them count as gone)."""
+    deadline = time.monotonic() + timeout_s
+    while (live := _live_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if live:
+        logger.warning("processes %s of server group %d outlived SIGKILL", live, pgid)
 
 
 def start_all(servers: Iterable[ServerProcess]) -> list[ServerProcess]:
