@@ -8,6 +8,9 @@ Cases (each its own trace, model and server flags; every mode of a case uses the
   words, 22 shared words per output), tiny model, a pool large enough for every agent
   (``--max-total-tokens 450000 --max-running-requests 64``).
 - ``society16-small``: the same generator at 16 agents x 3 rounds, the small model.
+- ``society32-trained``: 32 agents x 3 rounds, 70 private / 11 shared words (prompts fit the
+  trained model's 4,096-token context), the trained model (real attention patterns: its
+  threshold mirror policy keeps part of the diff, the random models' frees all of it).
 - ``decode``: decode time per token of laid-out rows vs plain rows of the same length: one
   society round (16 agents) sent with hints to a tokendance server (laid-out rows), then the
   same prompts without hints to the same server (plain rows, the user's backend), 64 tokens
@@ -67,6 +70,11 @@ CASES: dict[str, Case] = {
         "small",
         "--max-total-tokens 131072 --max-running-requests 32",
         dict(SOCIETY, agents=16, rounds=3),
+    ),
+    "society32-trained": Case(
+        "trained",
+        "--max-total-tokens 200000 --max-running-requests 64",
+        dict(SOCIETY, agents=32, rounds=3, private_words=70, shared_words=11),
     ),
 }
 QUICK = {"ga25": Case("tiny", "", {"file": "workloads/ga_the_ville_n8.jsonl"})}

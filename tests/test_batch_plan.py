@@ -115,3 +115,33 @@ def test_a_decode_row_gets_the_same_bits_alone_or_batched() -> None:
     for i in range(4):
         alone = bp.plan_batch(rows[i : i + 1], seq[i : i + 1], w.tables, rope, 64, sort=True)
         assert torch.equal(bp.decode_batch(q[i : i + 1], w.k, w.v, alone, rope, 0.3)[0], batched[i])
+
+
+def test_position_sorted_extend_attends_fewer_keys_and_matches_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A by-position plan cuts each row's queries into blocks that attend a prefix of the
+    row's position-sorted keys; queries out of position order (row 2) are still exact."""
+    monkeypatch.setattr(bp, "QUERY_BLOCKS", 3)
+    monkeypatch.setattr(bp, "MIN_BLOCK_QUERIES", 4)
+    rope = RopeParams.default(10000.0, D)
+    w = World(rope)
+    rows = torch.tensor([1, 2, 4])
+    seq, ext = [40, 30, 33], [40, 5, 11]
+    qpos = torch.cat([torch.arange(40), w.r2p[2, 25:30].long(), w.r2p[4, 22:33].long()])
+    q = torch.randn(sum(ext), H, D, generator=torch.Generator().manual_seed(9))
+    want = extend_attention_ref(
+        q, w.k, w.v, w.r2t, w.r2p, w.ll, w.spos, rows, torch.tensor(seq), torch.tensor(ext),
+        qpos, rope, 0.3,
+    )  # fmt: skip
+    keys = bp.plan_batch(rows, seq, w.tables, rope, by_position=True)
+    for b, n in enumerate(seq):  # a row's positions are a permutation: sorted, they are 0..n-1
+        assert keys.key_pos[b, :n].tolist() == list(range(n))
+    blocks = bp.extend_blocks(keys, ext, qpos)
+    assert blocks[0] == [(0, 13, 13), (13, 26, 26), (26, 40, 40)]  # causal: about half
+    tops = [int(qpos[40:45].max()) + 1, int(qpos[45:47].max()) + 1]
+    assert blocks[1] == [(0, 5, tops[0])]  # 5 queries: one block
+    assert blocks[2][0] == (0, 5, tops[1]) and len(blocks[2]) == 2
+    out = torch.empty_like(q)
+    bp.extend_rows(q, out, w.k, w.v, keys, ext, qpos, rope, 0.3, blocks=blocks)
+    torch.testing.assert_close(out, want, **TOL)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from roundclient import round_bodies, run_round, stats
-from test_replay_shared import ROUND_TIMEOUT_S, shared_server
+from test_replay_shared import ROUND_TIMEOUT_S, launch_shared_server, shared_server
 
-from sglang_tokendance.server import ServerProcess
+from sglang_tokendance.server import ServerProcess, start_all
 from sglang_tokendance.trace import generative_agents
 from sglang_tokendance.watch import ENV as WATCH_ENV
 
@@ -41,10 +41,33 @@ def _replay(url: str, name: str) -> tuple[dict[str, Any], list[list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def drop_url(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("mirror-drop") / "server.log"
-    with _server(tiny_llama, log, ["drop"]) as srv:
-        yield srv.url
+def mirror_urls(
+    request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """drop, threshold at eps 0 and at a huge eps, and the shared keep server, started together
+    (a start is mostly CPU-bound imports; each server keeps its own history, so bit-exact
+    comparisons stay valid)."""
+    mirrors = {
+        "drop": ["drop"],
+        "eps0": ["threshold", "--tokendance-mirror-eps", "0.0"],
+        "huge": ["threshold", "--tokendance-mirror-eps", "1e9"],
+    }
+    servers = {
+        name: _server(tiny_llama, tmp_path_factory.mktemp(f"mirror-{name}") / "server.log", m)
+        for name, m in mirrors.items()
+    }
+    launch_shared_server(request, tiny_llama, tmp_path_factory)  # keep, waited for in views
+    start_all(servers.values())
+    try:
+        yield {name: srv.url for name, srv in servers.items()}
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
+@pytest.fixture(scope="module")
+def drop_url(mirror_urls: dict[str, str]) -> str:
+    return mirror_urls["drop"]
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +95,25 @@ def test_drop_keeps_no_diff_and_the_census_holds_after_every_batch(
 
 
 def test_threshold_spans_keep_to_drop_by_eps(
-    views: dict[str, Any], tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+    views: dict[str, Any],
+    mirror_urls: dict[str, str],
+    tiny_llama: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     keep, keep_ids = views["keep"][0]["store_last_round"], views["keep"][1]
     drop = views["drop"][0]["store_last_round"]
     got: dict[str, dict[str, Any]] = {}
     median: float | None = None
-    for name, eps in (("eps0", 0.0), ("huge", 1e9), ("mid", None)):
-        if eps is None:  # an eps inside the deviations the eps-0 server measured
+    for name in ("eps0", "huge", "mid"):
+        if name == "mid":  # an eps inside the deviations the eps-0 server measured
             assert median is not None
-            eps = median
-        log = tmp_path_factory.mktemp(f"mirror-{name}") / "server.log"
-        with _server(tiny_llama, log, ["threshold", "--tokendance-mirror-eps", str(eps)]) as srv:
-            s, ids = _replay(srv.url, name)
+            log = tmp_path_factory.mktemp("mirror-mid") / "server.log"
+            with _server(
+                tiny_llama, log, ["threshold", "--tokendance-mirror-eps", str(median)]
+            ) as srv:
+                s, ids = _replay(srv.url, name)
+        else:
+            s, ids = _replay(mirror_urls[name], name)
         assert s["watch"]["checks"] > 0 and s["watch"]["failures"] == 0, s["watch"]["first"]
         got[name] = s["store_last_round"] | {"kept": s["mirror_slots_kept"]}
         got[name]["freed"] = s["mirror_slots_freed"]

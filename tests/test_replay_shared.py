@@ -17,25 +17,37 @@ import pytest
 from sglang_tokendance.server import ServerProcess
 
 _servers: dict[str, ServerProcess] = {}
+_ready: set[str] = set()
 ROUND_TIMEOUT_S = 6.0
+
+
+def launch_shared_server(
+    request: pytest.FixtureRequest, model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Launch the shared TokenDance server without waiting for it (nothing if it exists), so a
+    module can start it together with its own servers; :func:`shared_server` waits."""
+    if "td" in _servers:
+        return
+    log = tmp_path_factory.mktemp("shared-server") / "server.log"
+    # keep: tests of the shared server count mirrors (the default threshold frees every
+    # recomputed slot on the tiny random model, whose deviations are all below its eps)
+    flags = ["--enable-tokendance", "--tokendance-selection", "both", "--tokendance-mirror"]
+    flags += ["keep"]
+    flags += ["--tokendance-round-timeout-ms", str(int(ROUND_TIMEOUT_S * 1000))]
+    srv = ServerProcess(model, [*flags, "--tokendance-master-policy", "author"], log_path=log)
+    request.session.addfinalizer(srv.stop)
+    _servers["td"] = srv.launch()
 
 
 def shared_server(
     request: pytest.FixtureRequest, model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
     """URL of the shared TokenDance server (started now if needed, stopped at session end)."""
-    srv = _servers.get("td")
-    if srv is None:
-        log = tmp_path_factory.mktemp("shared-server") / "server.log"
-        # keep: tests of the shared server count mirrors (the default threshold frees every
-        # recomputed slot on the tiny random model, whose deviations are all below its eps)
-        flags = ["--enable-tokendance", "--tokendance-selection", "both", "--tokendance-mirror"]
-        flags += ["keep"]
-        flags += ["--tokendance-round-timeout-ms", str(int(ROUND_TIMEOUT_S * 1000))]
-        srv = ServerProcess(model, [*flags, "--tokendance-master-policy", "author"], log_path=log)
-        request.session.addfinalizer(srv.stop)
-        srv.start()
-        _servers["td"] = srv
+    launch_shared_server(request, model, tmp_path_factory)
+    srv = _servers["td"]
+    if "td" not in _ready:
+        srv.wait_ready()
+        _ready.add("td")
     return srv.url
 
 

@@ -21,10 +21,24 @@ L2 cache, the same work is 18 ms. Decode attends a block of rows of one padded l
 SDPA call (rows padded to a multiple of ``BUCKET``, not to the batch's longest: a row's output
 then does not depend on what it is batched with); extend attends row by row (rows of an extend
 differ a lot in length: one shape would pad up to twice the FLOPs).
+
+An extend plan is built ``by_position``: each row's keys sorted by true position. A row's
+positions are a permutation of ``0..seq_len-1``, so the keys a query at position p may see are
+then exactly the row's first p + 1 columns, and a block of queries whose largest position is P
+attends only ``P + 1`` keys instead of the whole row (:func:`extend_blocks`)::
+
+    keys by position:  0 1 2 ........................................ n-1
+    query block 0 (positions <= P0):  [0 .. P0]
+    query block 1 (positions <= P1):  [0 ........ P1]
+    query block 2 (the row's last):   [0 ................................ n-1]
+
+A fresh prompt's queries are causal, so in blocks they cost about half the full product; a
+reusing row's recomputed tokens are spread through the prompt and gain as much on their part.
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -36,6 +50,8 @@ BIG = 1 << 30  # key position of padding: never visible to any query
 DECODE_HEADROOM = 64  # decode steps a plan absorbs before it is rebuilt wider
 BLOCK_BYTES = 3 << 20  # K, V and the swap buffer of one block of rows: about one L2 cache
 BUCKET = 128  # decode pads a row's keys to a multiple of this, whatever it is batched with
+QUERY_BLOCKS = 8  # an extend row's queries attend in at most this many blocks ...
+MIN_BLOCK_QUERIES = 64  # ... of at least this many queries (an SDPA call has a fixed cost)
 
 
 class Tables(NamedTuple):
@@ -57,6 +73,7 @@ class BatchKeys(NamedTuple):
     rot: tuple[torch.Tensor, torch.Tensor] | None  # float32 [B, C, 1, D] each; None: none move
     moves: list[bool]  # host: does any key of row b move
     order: torch.Tensor | None = None  # plan row i is batch row order[i] (None: the same)
+    by_position: bool = False  # each row's keys sorted by true position (extend plans)
 
     @property
     def width(self) -> int:
@@ -75,6 +92,7 @@ def plan_batch(
     rope: RopeParams,
     headroom: int = 0,
     sort: bool = False,
+    by_position: bool = False,
 ) -> BatchKeys:
     """Vectorized key plan of ``rows`` (no per-row Python loop).
 
@@ -86,6 +104,8 @@ def plan_batch(
         headroom: extra columns for decode steps to append into.
         sort: order the plan's rows by length (decode: rows of one padded length are then
             adjacent, and stay so as every row grows by one per step).
+        by_position: order each row's keys by true position (extend: query blocks then
+            attend a prefix of the keys, :func:`extend_blocks`).
     """
     dev = tables.req_to_token.device
     rows = rows.to(dev, torch.int64)
@@ -104,13 +124,17 @@ def plan_batch(
     key_pos = torch.where(laid, tables.req_to_pos[rows, :width].to(torch.int64), j)
     delta = (key_pos - tables.slot_pos[slots].to(torch.int64)).masked_fill_(~valid, 0)
     key_pos = key_pos.masked_fill(~valid, BIG)
+    if by_position:  # padding (BIG) sorts last: valid stays a prefix of each row
+        perm = torch.argsort(key_pos, dim=1, stable=True)
+        slots, key_pos = slots.gather(1, perm), key_pos.gather(1, perm)
+        valid, delta = valid.gather(1, perm), delta.gather(1, perm)
     moves = (delta != 0).any(dim=1)
     rot = None
     if bool(moves.any()):
         c, s = full_width(*delta_cos_sin(delta.view(-1), rope.inv_freq), rope)
         shape = (*slots.shape, 1, rope.head_dim)
         rot = (c.view(shape), s.view(shape))
-    return BatchKeys(list(seq_lens), slots, key_pos, valid, rot, moves.tolist(), order)
+    return BatchKeys(list(seq_lens), slots, key_pos, valid, rot, moves.tolist(), order, by_position)
 
 
 def append_decode(plan: BatchKeys, new_slots: torch.Tensor) -> BatchKeys | None:
@@ -243,6 +267,42 @@ def decode_batch(
     return out
 
 
+Block = tuple[int, int, int]  # (first query, end query, keys attended), row-relative
+
+
+def extend_blocks(
+    plan: BatchKeys, ext_lens: list[int], positions: torch.Tensor
+) -> list[list[Block]]:
+    """Each extend row's query blocks and how many of its keys each block attends.
+
+    With a ``by_position`` plan a row's queries are cut into at most :data:`QUERY_BLOCKS`
+    blocks of at least :data:`MIN_BLOCK_QUERIES`; a block attends the keys up to its largest
+    query position (a prefix of the sorted row). Otherwise one block attends the whole row.
+    Computed once per forward (every layer reads it); queries need not be in position order.
+    """
+    if not plan.by_position:
+        return [[(0, e, n)] for e, n in zip(ext_lens, plan.seq_lens, strict=True)]
+    cuts = []  # per row: its block boundaries
+    for e in ext_lens:
+        nb = max(1, min(QUERY_BLOCKS, e // MIN_BLOCK_QUERIES))
+        cuts.append([e * i // nb for i in range(nb + 1)])
+    spans = [(b, i, a, z) for b, row in enumerate(cuts) for i, (a, z) in enumerate(pairwise(row))]
+    dev = plan.key_pos.device
+    sizes = torch.tensor([z - a for _, _, a, z in spans], device=dev)
+    block_of = torch.repeat_interleave(torch.arange(len(spans), device=dev), sizes)
+    top = torch.full((len(spans),), -1, dtype=torch.int64, device=dev)  # largest query position
+    top.scatter_reduce_(0, block_of, positions[: len(block_of)].to(dev, torch.int64), "amax")
+    tops = torch.full((len(cuts), max(len(r) - 1 for r in cuts)), -1, dtype=torch.int64, device=dev)
+    where = torch.tensor([[b, i] for b, i, _, _ in spans], device=dev).view(-1, 2)
+    tops[where[:, 0], where[:, 1]] = top
+    seen = torch.searchsorted(plan.key_pos, tops, right=True).tolist()  # keys <= each top
+    out: list[list[Block]] = [[] for _ in cuts]
+    for b, i, a, z in spans:
+        if z > a:
+            out[b].append((a, z, seen[b][i]))
+    return out
+
+
 def extend_rows(
     q: torch.Tensor,
     out: torch.Tensor,
@@ -254,16 +314,23 @@ def extend_rows(
     rope: RopeParams,
     scale: float,
     ws: Workspace | None = None,
+    blocks: list[list[Block]] | None = None,
 ) -> None:
     """Extend attention of a batch, row by row: reads flat ``q`` ``[T, H, D]`` and writes
     ``out`` ``[T, H, Dv]``. Visibility is by position (``key_pos <= query_pos``), not by row
-    index: a laid-out row holds its keys in any order."""
+    index: a laid-out row holds its keys in any order. ``blocks``: from :func:`extend_blocks`
+    (computed here when not given)."""
     ws = ws or Workspace()
+    if blocks is None:
+        blocks = extend_blocks(plan, ext_lens, positions)
     t = 0
     for b, (e, n) in enumerate(zip(ext_lens, plan.seq_lens, strict=True)):
         k, v = _gather(ws, k_buffer, v_buffer, plan, b, b + 1, n, rope)
         qpos = positions[t : t + e].to(torch.int64)
-        mask = plan.key_pos[b, :n].view(1, -1) <= qpos.view(-1, 1)
-        res = _sdpa(q[t : t + e].unsqueeze(0), k, v, mask.view(1, 1, e, n), scale)
-        out[t : t + e] = res.squeeze(0).to(out.dtype)
+        for q0, q1, m in blocks[b]:
+            mask = plan.key_pos[b, :m].view(1, -1) <= qpos[q0:q1].view(-1, 1)
+            res = _sdpa(
+                q[t + q0 : t + q1].unsqueeze(0), k[:, :m], v[:, :m], mask.view(1, 1, -1, m), scale
+            )
+            out[t + q0 : t + q1] = res.squeeze(0).to(out.dtype)
         t += e

@@ -86,7 +86,7 @@ class TaggedAttention:
         self.probing = False  # deviation probes to fill in this forward
         self.forwards = {"tagged": 0, "stock": 0}  # forwards per path (the stats route)
         self._rows: list[int] = []
-        self._extend: tuple[bp.BatchKeys, list[int]] | None = None
+        self._extend: tuple[bp.BatchKeys, list[int], list[list[bp.Block]]] | None = None
         self._ws = bp.Workspace()  # gathered K/V of one block, reused by every layer
         self._groups: list[tuple[int, int, int]] = []  # decode blocks of this forward
         self._decode: bp.BatchKeys | None = None  # kept across decode steps
@@ -170,12 +170,15 @@ class TaggedAttention:
             and fb.encoder_lens is None
         )
 
-    def _extend_keys(self, fb: ForwardBatch) -> tuple[bp.BatchKeys, list[int]]:
-        """The extend's key plan (once per forward, read by every layer)."""
+    def _extend_keys(
+        self, fb: ForwardBatch
+    ) -> tuple[bp.BatchKeys, list[int], list[list[bp.Block]]]:
+        """The extend's key plan and query blocks (once per forward, read by every layer)."""
         if self._extend is None:
             ext = host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens)
             seq = host_list(fb.seq_lens_cpu, fb.seq_lens)
-            self._extend = (bp.plan_batch(fb.req_pool_indices, seq, self.tables, self.rope), ext)
+            plan = bp.plan_batch(fb.req_pool_indices, seq, self.tables, self.rope, by_position=True)
+            self._extend = (plan, ext, bp.extend_blocks(plan, ext, fb.positions))
         return self._extend
 
     def _decode_plan(self, fb: ForwardBatch) -> bp.BatchKeys:
@@ -233,10 +236,11 @@ class TaggedAttention:
             )
         else:
             o = q_.new_empty((q_.shape[0], heads, dv))
-            keys, ext = self._extend_keys(fb)
+            keys, ext, blocks = self._extend_keys(fb)
             bp.extend_rows(
-                q_, o, kbuf, vbuf, keys, ext, fb.positions, self.rope, layer.scaling, self._ws
-            )
+                q_, o, kbuf, vbuf, keys, ext, fb.positions, self.rope, layer.scaling, self._ws,
+                blocks,
+            )  # fmt: skip
         return o.reshape(-1, heads * dv)
 
     def _triton(self, q_, kbuf, vbuf, layer, fb, decode: bool) -> torch.Tensor:  # noqa: ANN001
