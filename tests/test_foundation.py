@@ -14,7 +14,7 @@ import torch
 from test_replay_shared import _servers as shared_servers
 from test_replay_shared import shared_server
 
-from sglang_tokendance.server import ServerProcess, build_command, server_env
+from sglang_tokendance.server import ServerProcess, build_command, free_port, server_env
 
 PROMPTS = [
     "Isabella Rodriguez is planning a Valentine's Day party at Hobbs Cafe.",
@@ -135,6 +135,12 @@ BAD_OPTIONS = [
     (["--tokendance-mode", "dense"], "invalid choice: 'dense'"),
     (["--tokendance-round-timeout-ms", "-3"], "must be > 0 milliseconds"),
     (["--page-size", "16"], "TokenDance requires --page-size 1"),
+    # refused when the attention backend is built (no CUDA here, and test servers do not
+    # inherit the test process's TRITON_INTERPRET)
+    (
+        ["--tokendance-attention", "triton"],
+        "--tokendance-attention triton needs a CUDA device or TRITON_INTERPRET=1",
+    ),
 ]
 
 
@@ -147,7 +153,7 @@ def bad_launches(
     tmp = tmp_path_factory.mktemp("bad-options")
     procs = []
     for i, (flags, _) in enumerate(BAD_OPTIONS):
-        cmd = build_command(tiny_llama, 1, ["--enable-tokendance", *flags])
+        cmd = build_command(tiny_llama, free_port(), ["--enable-tokendance", *flags])
         out = open(tmp / f"launch{i}.log", "w+")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(cmd, env=server_env(), stdout=out, stderr=subprocess.STDOUT)
         procs.append((tuple(flags), proc, out))
