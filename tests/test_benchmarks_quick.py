@@ -166,3 +166,11 @@ def test_capacity_quick_searches_under_a_given_slo(
     assert pool_only["slo_ms"] is None and pool_only["reference"] is None
     assert pool_only["capacity"]["tokendance"] is None and pool_only["ratios"] == {}
     assert pool_only["resident_capacity"]["tokendance"] == 2
+
+
+def test_checkout_ab_refuses_a_base_that_is_not_a_checkout(tmp_path: Path) -> None:
+    from benchmarks import checkout_ab
+
+    args = checkout_ab.build_parser().parse_args(["--base", str(tmp_path), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="is not a checkout of this project"):
+        checkout_ab.run(args)
