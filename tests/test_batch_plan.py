@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -86,21 +88,40 @@ def test_appended_plan_equals_a_rebuilt_one_and_stops_at_its_width() -> None:
     assert bp.append_decode(full, torch.tensor([370, 371])) is None  # past the width: rebuild
 
 
-def test_extend_rows_match_reference_for_rows_of_different_lengths() -> None:
+class ExtendCase(NamedTuple):
+    """A whole prompt (row 1) beside two short extends of laid-out rows (2, 4), and the
+    reference output."""
+
+    w: World
+    rope: RopeParams
+    rows: torch.Tensor
+    seq: list[int]
+    ext: list[int]
+    qpos: torch.Tensor
+    q: torch.Tensor
+    want: torch.Tensor
+
+
+def _extend_case() -> ExtendCase:
     rope = RopeParams.default(10000.0, D)
     w = World(rope)
     rows = torch.tensor([1, 2, 4])
-    seq, ext = [40, 30, 33], [40, 5, 11]  # a whole prompt beside two short extends
+    seq, ext = [40, 30, 33], [40, 5, 11]
     qpos = torch.cat([torch.arange(40), w.r2p[2, 25:30].long(), w.r2p[4, 22:33].long()])
     q = torch.randn(sum(ext), H, D, generator=torch.Generator().manual_seed(9))
     want = extend_attention_ref(
         q, w.k, w.v, w.r2t, w.r2p, w.ll, w.spos, rows, torch.tensor(seq), torch.tensor(ext),
         qpos, rope, 0.3,
     )  # fmt: skip
-    keys = bp.plan_batch(rows, seq, w.tables, rope)
-    out = torch.empty_like(q)
-    bp.extend_rows(q, out, w.k, w.v, keys, ext, qpos, rope, 0.3)
-    torch.testing.assert_close(out, want, **TOL)
+    return ExtendCase(w, rope, rows, seq, ext, qpos, q, want)
+
+
+def test_extend_rows_match_reference_for_rows_of_different_lengths() -> None:
+    c = _extend_case()
+    keys = bp.plan_batch(c.rows, c.seq, c.w.tables, c.rope)
+    out = torch.empty_like(c.q)
+    bp.extend_rows(c.q, out, c.w.k, c.w.v, keys, c.ext, c.qpos, c.rope, 0.3)
+    torch.testing.assert_close(out, c.want, **TOL)
 
 
 def test_a_decode_row_gets_the_same_bits_alone_or_batched() -> None:
@@ -124,24 +145,15 @@ def test_position_sorted_extend_attends_fewer_keys_and_matches_reference(
     row's position-sorted keys; queries out of position order (row 2) are still exact."""
     monkeypatch.setattr(bp, "QUERY_BLOCKS", 3)
     monkeypatch.setattr(bp, "MIN_BLOCK_QUERIES", 4)
-    rope = RopeParams.default(10000.0, D)
-    w = World(rope)
-    rows = torch.tensor([1, 2, 4])
-    seq, ext = [40, 30, 33], [40, 5, 11]
-    qpos = torch.cat([torch.arange(40), w.r2p[2, 25:30].long(), w.r2p[4, 22:33].long()])
-    q = torch.randn(sum(ext), H, D, generator=torch.Generator().manual_seed(9))
-    want = extend_attention_ref(
-        q, w.k, w.v, w.r2t, w.r2p, w.ll, w.spos, rows, torch.tensor(seq), torch.tensor(ext),
-        qpos, rope, 0.3,
-    )  # fmt: skip
-    keys = bp.plan_batch(rows, seq, w.tables, rope, by_position=True)
-    for b, n in enumerate(seq):  # a row's positions are a permutation: sorted, they are 0..n-1
+    c = _extend_case()
+    keys = bp.plan_batch(c.rows, c.seq, c.w.tables, c.rope, by_position=True)
+    for b, n in enumerate(c.seq):  # a row's positions are a permutation: sorted, 0..n-1
         assert keys.key_pos[b, :n].tolist() == list(range(n))
-    blocks = bp.extend_blocks(keys, ext, qpos)
+    blocks = bp.extend_blocks(keys, c.ext, c.qpos)
     assert blocks[0] == [(0, 13, 13), (13, 26, 26), (26, 40, 40)]  # causal: about half
-    tops = [int(qpos[40:45].max()) + 1, int(qpos[45:47].max()) + 1]
+    tops = [int(c.qpos[40:45].max()) + 1, int(c.qpos[45:50].max()) + 1]
     assert blocks[1] == [(0, 5, tops[0])]  # 5 queries: one block
     assert blocks[2][0] == (0, 5, tops[1]) and len(blocks[2]) == 2
-    out = torch.empty_like(q)
-    bp.extend_rows(q, out, w.k, w.v, keys, ext, qpos, rope, 0.3, blocks=blocks)
-    torch.testing.assert_close(out, want, **TOL)
+    out = torch.empty_like(c.q)
+    bp.extend_rows(c.q, out, c.w.k, c.w.v, keys, c.ext, c.qpos, c.rope, 0.3, blocks=blocks)
+    torch.testing.assert_close(out, c.want, **TOL)
