@@ -19,6 +19,7 @@ MIRROR_POLICIES: tuple[str, ...] = ("keep", "threshold", "drop")
 # random-weight model's deviations stay under 0.32, so there 0.5 frees every slot (= drop).
 DEFAULT_MIRROR_EPS = 0.5
 ATTENTION_PATHS: tuple[str, ...] = ("auto", "triton", "torch")  # see attention/dispatch.py
+DECODE_PATHS: tuple[str, ...] = ("shared", "rows")  # torch decode: attention/shared_decode.py
 DEFAULT_SEPARATOR = "<|td|>"
 
 
@@ -42,6 +43,7 @@ class TokenDanceConfig:
     mirror: str = "threshold"
     attention: str = "auto"
     mirror_eps: float = DEFAULT_MIRROR_EPS
+    decode: str = "shared"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -70,6 +72,10 @@ class TokenDanceConfig:
         if self.attention not in ATTENTION_PATHS:
             raise ValueError(
                 f"--tokendance-attention must be one of {ATTENTION_PATHS}, got {self.attention!r}"
+            )
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(
+                f"--tokendance-decode must be one of {DECODE_PATHS}, got {self.decode!r}"
             )
         if not self.mirror_eps >= 0.0:  # also refuses NaN
             raise ValueError(f"--tokendance-mirror-eps must be >= 0, got {self.mirror_eps}")
@@ -217,6 +223,16 @@ def _add_attention(g: Any) -> None:
         "--attention-backend SGLang would use. Default %(default)s.",
     )
     g.add_argument(
+        "--tokendance-decode",
+        choices=DECODE_PATHS,
+        default=TokenDanceConfig().decode,
+        help="Decode of laid-out batches on the torch path: shared = the keys that several "
+        "rows hold (masters) are read once for the batch, each row's query rotated back by its "
+        "delta instead of every row's keys rotated forward; rows = every row gathers and "
+        "rotates its own keys. The same attention up to float rounding; shared falls back to "
+        "rows when a batch shares too little. Default %(default)s.",
+    )
+    g.add_argument(
         "--tokendance-uniform-attention",
         action="store_true",
         help="Run every batch (hinted or not) through the position-aware path, so a benchmark "
@@ -240,6 +256,7 @@ def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
         mirror=getattr(ns, "tokendance_mirror", TokenDanceConfig.mirror),
         attention=getattr(ns, "tokendance_attention", "auto"),
         mirror_eps=float(getattr(ns, "tokendance_mirror_eps", DEFAULT_MIRROR_EPS)),
+        decode=getattr(ns, "tokendance_decode", TokenDanceConfig.decode),
     )
 
 

@@ -24,6 +24,7 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_tokendance.attention import batch_plan as bp
+from sglang_tokendance.attention import shared_decode as sd
 from sglang_tokendance.attention.blend import BlendPlan, key_deviation, seed_kv
 from sglang_tokendance.attention.deviation import context_deviation, get_probe_board
 from sglang_tokendance.attention.dispatch import batch_is_tagged, resolve_path
@@ -64,6 +65,7 @@ class TaggedAttention:
         self.table = get_position_table(self.r2t_pool, self.kv_pool)
         self.kind = resolve_path(cfg.attention, str(model_runner.device))
         self.uniform = cfg.uniform_attention
+        self.shared_decode = cfg.decode == "shared"
         self.rope: RopeParams = rope_params_from_model(model_runner.model).to(model_runner.device)
         self.probes = get_probe_board(self.r2t_pool)
         layers = getattr(getattr(model_runner, "model_config", None), "num_hidden_layers", None)
@@ -84,12 +86,13 @@ class TaggedAttention:
         self._fb: Any = None  # the forward prepared last (graph runners reuse objects: identity)
         self.active = False
         self.probing = False  # deviation probes to fill in this forward
-        self.forwards = {"tagged": 0, "stock": 0}  # forwards per path (the stats route)
+        # forwards per path, and tagged decode steps per decode kind (the stats route)
+        self.forwards = {"tagged": 0, "stock": 0, "decode_shared": 0, "decode_rows": 0}
         self._rows: list[int] = []
         self._extend: tuple[bp.BatchKeys, list[int], list[list[bp.Block]]] | None = None
         self._ws = bp.Workspace()  # gathered K/V of one block, reused by every layer
         self._groups: list[tuple[int, int, int]] = []  # decode blocks of this forward
-        self._decode: bp.BatchKeys | None = None  # kept across decode steps
+        self._decode: bp.BatchKeys | sd.SharedPlan | None = None  # kept across decode steps
         self._decode_key: tuple[tuple[int, ...], int] | None = None
         self._decode_fb: Any = None
         logger.info("TokenDance attention: %s kernels for laid-out batches", self.kind)
@@ -128,6 +131,8 @@ class TaggedAttention:
             "kernels": self.kind,
             "tagged_forwards": self.forwards["tagged"],
             "stock_forwards": self.forwards["stock"],
+            "decode_steps_shared": self.forwards["decode_shared"],
+            "decode_steps_rows": self.forwards["decode_rows"],
             **self.work,
             "blend_picks": {rid: list(p) for rid, p in self.blend_picks.items()},
         }
@@ -181,24 +186,33 @@ class TaggedAttention:
             self._extend = (plan, ext, bp.extend_blocks(plan, ext, fb.positions))
         return self._extend
 
-    def _decode_plan(self, fb: ForwardBatch) -> bp.BatchKeys:
-        """The decode plan: the last one plus this step's token, or rebuilt when rows changed."""
+    def _decode_plan(self, fb: ForwardBatch) -> bp.BatchKeys | sd.SharedPlan:
+        """The decode plan: the last one plus this step's token, or rebuilt when rows changed
+        (a shared plan when the batch's rows share enough keys, :mod:`.shared_decode`)."""
         if self._decode_fb is fb and self._decode is not None:
             return self._decode
         seq = host_list(fb.seq_lens_cpu, fb.seq_lens)
         key = (tuple(self._rows), self.table.version)
-        plan, prev = None, self._decode
-        if prev is not None and key == self._decode_key:
+        plan: bp.BatchKeys | sd.SharedPlan | None = None
+        prev = self._decode
+        if isinstance(prev, sd.SharedPlan) and key == self._decode_key:
+            if seq == [s + 1 for s in prev.seq_lens]:
+                plan = sd.append_step(prev, fb.out_cache_loc)
+        elif prev is not None and key == self._decode_key:
             order = prev.order.tolist() if prev.order is not None else range(len(seq))
             if [seq[i] for i in order] == [s + 1 for s in prev.seq_lens]:
                 loc = fb.out_cache_loc if prev.order is None else fb.out_cache_loc[prev.order]
                 plan = bp.append_decode(prev, loc)
+        if plan is None and self.shared_decode:
+            plan = sd.plan_shared(fb.req_pool_indices, seq, self.tables, self.rope)
         if plan is None:
             plan = bp.plan_batch(
                 fb.req_pool_indices, seq, self.tables, self.rope, bp.DECODE_HEADROOM, sort=True
             )
         self._decode, self._decode_key, self._decode_fb = plan, key, fb
-        self._groups = bp.decode_groups(plan, self.kv_pool.get_key_buffer(0))
+        if isinstance(plan, bp.BatchKeys):
+            self._groups = bp.decode_groups(plan, self.kv_pool.get_key_buffer(0))
+        self.forwards["decode_shared" if isinstance(plan, sd.SharedPlan) else "decode_rows"] += 1
         return plan
 
     # ---- per layer ------------------------------------------------------------------------
@@ -231,9 +245,12 @@ class TaggedAttention:
             o = self._triton(q_, kbuf, vbuf, layer, fb, decode)
         elif decode:
             plan = self._decode_plan(fb)
-            o = bp.decode_batch(
-                q_, kbuf, vbuf, plan, self.rope, layer.scaling, self._ws, self._groups
-            )
+            if isinstance(plan, sd.SharedPlan):
+                o = sd.shared_decode(q_, kbuf, vbuf, plan, self.rope, layer.scaling, self._ws)
+            else:
+                o = bp.decode_batch(
+                    q_, kbuf, vbuf, plan, self.rope, layer.scaling, self._ws, self._groups
+                )
         else:
             o = q_.new_empty((q_.shape[0], heads, dv))
             keys, ext, blocks = self._extend_keys(fb)

@@ -1,0 +1,249 @@
+"""Shared decode: the master keys of a batch read once for all rows, not once per row.
+
+In a round every agent's row holds the same masters, each at its own offset: today's decode
+(:func:`.batch_plan.decode_batch`) gathers and rotates every row's copy of every master key.
+RoPE is a rotation, so ``q . R(d) k == R(-d) q . k``: instead of rotating a master's keys to
+each row's positions, rotate each row's query back by that row's delta for the master, and the
+master's keys are one tensor every row's query is multiplied with (a GEMM over the batch).
+
+A plan splits each row's keys into two disjoint parts (every key counted exactly once)::
+
+    shared tiles (keys held by >= 2 rows, T keys per tile, one delta per row and tile)
+        master m0 (70 keys): tile 0 [m0 x 32] tile 1 [m0 x 32] tile 2 [m0 x 6, padding]
+        master m1 (40 keys): tile 3 [m1 x 32] tile 4 [m1 x 8, padding]
+        row b attends tile t's key i  iff  mask[b, t * T + i]
+        row b's query for tile t is rotated by -delta[b, t]
+    private keys (everything else: private prefix, kept mirror slots, fresh, decoded tokens,
+        and any shared entry whose delta differs from its tile's): gathered and rotated per
+        row as in :mod:`.batch_plan`; decode steps append here
+
+Tiles come from the shared slots ordered by where their first row holds them, cut wherever a
+row holds two neighbours at different deltas (two masters, or one master twice), and every T
+keys. The grouping is only about speed: an entry whose delta is not its tile's stays private,
+so the result is the same attention whatever the grouping. Scores of both parts are joined
+before one softmax (no log-sum-exp merging). No SGLang import.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from sglang_tokendance.attention import batch_plan as bp
+from sglang_tokendance.attention.rope import RopeParams, delta_cos_sin, full_width, swap_pairs
+
+TILE = 32  # keys per shared tile (masters are cut into tiles; padding is masked)
+MIN_SHARED = 0.25  # shared keys must be at least this share of the batch's keys ...
+MIN_DENSITY = 0.5  # ... and fill at least this share of the rows x tile keys computed
+MIN_RUN = 4  # shared runs shorter than this stay private keys
+
+
+class SharedPlan(NamedTuple):
+    """One decode batch's keys split into shared tiles and private keys (batch order)."""
+
+    tile_slots: torch.Tensor  # int64 [NT * T]: the tiles' slots (0 for padding)
+    mask: torch.Tensor  # bool [B, NT * T]: row b attends this tile key
+    q_rot: tuple[torch.Tensor, torch.Tensor]  # float32 [B, NT, 1, D]: rotate queries by -delta
+    private: bp.BatchKeys  # the rest of every row's keys, compacted (decode appends here)
+    shared_keys: int  # row entries served by the tiles
+    tiles: int
+    seq_lens: list[int]  # every row's whole key count (tiles + private), host side
+
+
+def _row_keys(
+    rows: torch.Tensor, seq_lens: list[int], tables: bp.Tables
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """slots, true key positions, deltas and validity ``[B, C]`` (C: the longest row)."""
+    dev = tables.req_to_token.device
+    rows = rows.to(dev, torch.int64)
+    width = max(seq_lens)
+    lens = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
+    j = torch.arange(width, dtype=torch.int64, device=dev).view(1, -1)
+    valid = j < lens.view(-1, 1)
+    slots = tables.req_to_token[rows, :width].to(torch.int64).masked_fill_(~valid, 0)
+    laid = j < tables.layout_len[rows].to(torch.int64).view(-1, 1)
+    key_pos = torch.where(laid, tables.req_to_pos[rows, :width].to(torch.int64), j)
+    delta = (key_pos - tables.slot_pos[slots].to(torch.int64)).masked_fill_(~valid, 0)
+    return slots, key_pos, delta, valid
+
+
+def plan_shared(
+    rows: torch.Tensor,
+    seq_lens: list[int],
+    tables: bp.Tables,
+    rope: RopeParams,
+    headroom: int = bp.DECODE_HEADROOM,
+    tile: int = TILE,
+) -> SharedPlan | None:
+    """The shared plan of a decode batch, or None when too few keys are shared to gain.
+
+    Vectorized: sorts and scatters over the batch's entries, no per-row Python loop.
+    """
+    slots, key_pos, delta, valid = _row_keys(rows, seq_lens, tables)
+    nb, width = slots.shape
+    if nb < 2:
+        return None
+    dev = slots.device
+    uses = torch.bincount(slots[valid], minlength=int(tables.slot_pos.shape[0]))
+    cand = valid & (uses[slots] >= 2)
+    ncand = int(cand.sum())
+    if ncand < MIN_SHARED * int(valid.sum()):
+        return None
+    b_e, j_e = cand.nonzero(as_tuple=True)
+    s_e, d_e = slots[b_e, j_e], delta[b_e, j_e]
+    uniq, u_e = torch.unique(s_e, return_inverse=True)
+    nu = int(uniq.numel())
+    # order the shared slots by where the row holding the most shared keys holds them (a
+    # master agent or a drop row holds every key of its masters, in one run each), then the
+    # next fullest row for the slots it does not hold
+    fill = torch.zeros(nb, dtype=torch.int64, device=dev).index_add_(0, b_e, torch.ones_like(b_e))
+    row_rank = torch.empty_like(fill)
+    row_rank[torch.argsort(-fill, stable=True)] = torch.arange(nb, device=dev)
+    code = row_rank[b_e] * (int(key_pos[valid].max()) + 1) + key_pos[b_e, j_e]
+    first = torch.full((nu,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+    first.scatter_reduce_(0, u_e, code, "amin")
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(nu, device=dev)
+    r_e = rank[u_e]
+    # each row's delta per shared slot (a slot held twice by a row keeps one: the other is
+    # private, by the check below)
+    none = torch.iinfo(torch.int64).min
+    dm = torch.full((nb, nu), none, dtype=torch.int64, device=dev)
+    dm[b_e, r_e] = d_e
+    used = dm != none
+    # runs: cut between neighbours some row holds at different deltas, or not written at
+    # consecutive positions; runs shorter than MIN_RUN stay private (a tile for a few keys)
+    pos_sorted = tables.slot_pos[uniq[order]].to(torch.int64)
+    cut = torch.ones(nu, dtype=torch.bool, device=dev)
+    if nu > 1:
+        both = used[:, 1:] & used[:, :-1]
+        apart = pos_sorted[1:] != pos_sorted[:-1] + 1
+        cut[1:] = (both & (dm[:, 1:] != dm[:, :-1])).any(0) | apart
+    seg = torch.cumsum(cut.to(torch.int64), 0) - 1
+    starts = torch.nonzero(cut).flatten()
+    seg_len = torch.diff(torch.cat([starts, starts.new_tensor([nu])]))
+    long = seg_len[seg] >= MIN_RUN
+    used &= long.view(1, -1)
+    seg_len = seg_len.masked_fill(seg_len < MIN_RUN, 0)
+    in_seg = torch.arange(nu, device=dev) - starts[seg]
+    seg_tiles = -(-seg_len // tile)
+    base = torch.cumsum(seg_tiles, 0) - seg_tiles
+    tile_of = base[seg] + in_seg // tile  # (meaningless for slots of short runs: unused)
+    col = tile_of * tile + in_seg % tile  # flat key index of each sorted shared slot
+    nt = int(seg_tiles.sum())
+    if nt == 0:
+        return None
+    tile_slots = torch.zeros(nt * tile, dtype=torch.int64, device=dev)
+    tile_slots[col[long]] = uniq[order][long]
+    tile_of = tile_of.clamp(max=nt - 1)
+    col = col.clamp(max=nt * tile - 1)
+    # one delta per (row, tile): the smallest the row holds there; other entries stay private
+    tdel = torch.zeros((nb, nt), dtype=torch.int64, device=dev)
+    tdel.scatter_reduce_(
+        1, tile_of.view(1, -1).expand(nb, -1), dm.masked_fill(~used, 1 << 40), "amin",
+        include_self=False,
+    )  # fmt: skip
+    coll = used & (dm == tdel[:, tile_of])
+    served = int(coll.sum())
+    if served < MIN_DENSITY * nb * nt * tile or served < MIN_SHARED * int(valid.sum()):
+        return None
+    mask = torch.zeros((nb, nt * tile), dtype=torch.bool, device=dev)
+    mask[:, col[long]] = coll[:, long]
+    # entries served by a tile leave the private part
+    shared_e = coll[b_e, r_e] & (dm[b_e, r_e] == d_e)
+    private = valid.clone()
+    private[b_e[shared_e], j_e[shared_e]] = False
+    c, s = full_width(*delta_cos_sin(-tdel.view(-1), rope.inv_freq), rope)
+    q_rot = (c.view(nb, nt, 1, -1), s.view(nb, nt, 1, -1))
+    priv = _compact(slots, key_pos, delta, private, rope, headroom)
+    return SharedPlan(tile_slots, mask, q_rot, priv, served, nt, list(seq_lens))
+
+
+def _compact(
+    slots: torch.Tensor,
+    key_pos: torch.Tensor,
+    delta: torch.Tensor,
+    keep: torch.Tensor,
+    rope: RopeParams,
+    headroom: int,
+) -> bp.BatchKeys:
+    """The kept entries of each row moved to its front (stable), as a :class:`bp.BatchKeys`
+    with room for ``headroom`` decode steps."""
+    lens = keep.sum(1)
+    width = max(1, bp.bucket(int(lens.max()) + headroom))
+    perm = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    pad = max(0, width - slots.shape[1])
+    take = perm[:, :width] if pad == 0 else torch.nn.functional.pad(perm, (0, pad))
+
+    def pick(t: torch.Tensor, fill: int) -> torch.Tensor:
+        out = t.gather(1, take.clamp(max=t.shape[1] - 1))
+        j = torch.arange(width, device=t.device).view(1, -1)
+        return out.masked_fill_(j >= lens.view(-1, 1), fill)
+
+    p_slots, p_pos = pick(slots, 0), pick(key_pos, bp.BIG)
+    p_delta = pick(delta, 0)
+    valid = torch.arange(width, device=slots.device).view(1, -1) < lens.view(-1, 1)
+    moves = (p_delta != 0).any(dim=1)
+    rot = None
+    if bool(moves.any()):
+        c, s = full_width(*delta_cos_sin(p_delta.view(-1), rope.inv_freq), rope)
+        shape = (*p_slots.shape, 1, rope.head_dim)
+        rot = (c.view(shape), s.view(shape))
+    return bp.BatchKeys(lens.tolist(), p_slots, p_pos, valid, rot, moves.tolist())
+
+
+def append_step(plan: SharedPlan, new_slots: torch.Tensor) -> SharedPlan | None:
+    """The plan one decode step later (the new tokens are private keys), or None to rebuild."""
+    priv = bp.append_decode(plan.private, new_slots)
+    if priv is None:
+        return None
+    return plan._replace(private=priv, seq_lens=[n + 1 for n in plan.seq_lens])
+
+
+def shared_decode(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    plan: SharedPlan,
+    rope: RopeParams,
+    scale: float,
+    ws: bp.Workspace | None = None,
+) -> torch.Tensor:
+    """Decode attention of one query per row (``q`` ``[B, H, D]``) -> ``[B, H, Dv]``.
+
+    Shared tiles: one gather of their keys for the batch, each row's query rotated per tile,
+    one batched matmul; private keys: gathered and rotated per row (:func:`bp._gather`).
+    """
+    ws = ws or bp.Workspace()
+    nb, heads, dim = q.shape
+    hkv = k_buffer.shape[1]
+    rep = heads // hkv
+    dv = v_buffer.shape[-1]
+    ntk = int(plan.tile_slots.numel())
+    nt = plan.tiles
+    tile = ntk // nt
+    f32 = torch.float32
+    kt = k_buffer.index_select(0, plan.tile_slots).to(f32)  # [NT*T, Hkv, D]
+    vt = v_buffer.index_select(0, plan.tile_slots).to(f32)
+    qf = q.to(f32).unsqueeze(1)  # [B, 1, H, D]
+    c, s = plan.q_rot
+    qr = qf * c + swap_pairs(qf, rope) * s  # [B, NT, H, D]: R(-delta) q
+    qr = qr.view(nb, nt, hkv, rep, dim).permute(1, 2, 0, 3, 4).reshape(nt, hkv, nb * rep, dim)
+    kt4 = kt.view(nt, tile, hkv, dim).permute(0, 2, 3, 1)  # [NT, Hkv, D, T]
+    s_sh = torch.matmul(qr, kt4).view(nt, hkv, nb, rep, tile)
+    s_sh = s_sh.permute(2, 1, 3, 0, 4).reshape(nb, heads, ntk)
+    priv = plan.private
+    n = max(priv.seq_lens)
+    kp, vp = bp._gather(ws, k_buffer, v_buffer, priv, 0, nb, n, rope)  # [B, n, Hkv, D]
+    s_p = torch.matmul(q.to(f32).view(nb, hkv, rep, dim), kp.to(f32).permute(0, 2, 3, 1))
+    scores = torch.cat([s_sh, s_p.reshape(nb, heads, n)], dim=-1).mul_(scale)
+    seen = torch.cat([plan.mask, priv.valid[:, :n]], dim=1).view(nb, 1, -1)
+    probs = torch.softmax(scores.masked_fill_(~seen, float("-inf")), dim=-1)
+    p_sh = probs[..., :ntk].reshape(nb, hkv, rep, ntk).permute(1, 0, 2, 3)
+    o_sh = torch.matmul(p_sh.reshape(hkv, nb * rep, ntk), vt.permute(1, 0, 2))  # [Hkv, B*rep, Dv]
+    o_sh = o_sh.view(hkv, nb, rep, dv).permute(1, 0, 2, 3)
+    p_p = probs[..., ntk:].reshape(nb, hkv, rep, n)
+    o_p = torch.matmul(p_p, vp.to(f32).permute(0, 2, 1, 3))  # [B, Hkv, rep, Dv]
+    return (o_sh + o_p).reshape(nb, heads, dv).to(q.dtype)
