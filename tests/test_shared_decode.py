@@ -88,7 +88,7 @@ def test_decode_paths_benchmark_writes_both_paths_and_their_difference(tmp_path:
     from benchmarks import decode_paths
 
     out = tmp_path / "d.json"
-    argv = ["--rows", "6", "--masters", "5", "--master-len", "12", "--prefix", "10"]
+    argv = ["--rows", "6", "--masters", "5", "--master-len", "30", "--prefix", "10"]
     argv += ["--warmup", "1", "--repeats", "2", "--rounds", "2", "--out", str(out)]
     assert decode_paths.main(argv) == 0
     doc = json.loads(out.read_text())
