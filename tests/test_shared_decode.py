@@ -34,7 +34,7 @@ def _want(w: RoundBatch, q: torch.Tensor, rope: RopeParams, seq: list[int], scal
 def test_shared_decode_matches_reference(
     neox: bool, rotary_dim: int, tile: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sd, "MIN_DENSITY", 0.0)  # tiles of 32 over masters of 7-20 keys
+    monkeypatch.setattr(sd, "TILE_KEY_COST", 0.0)  # tiles of 32 over masters of 7-20 keys
     rope = RopeParams.default(10000.0, D, rotary_dim, neox)
     w = _round(6, [9, 13, 7, 20])
     q = torch.randn(6, H, D, generator=torch.Generator().manual_seed(1))

@@ -34,8 +34,11 @@ from sglang_tokendance.attention import batch_plan as bp
 from sglang_tokendance.attention.rope import RopeParams, delta_cos_sin, full_width, swap_pairs
 
 TILE = 32  # keys per shared tile (masters are cut into tiles; padding is masked)
-MIN_SHARED = 0.25  # shared keys must be at least this share of the batch's keys ...
-MIN_DENSITY = 0.5  # ... and fill at least this share of the rows x tile keys computed
+MIN_SHARED = 0.25  # shared keys must be at least this share of the batch's keys, and ...
+# ... the plan must be cheaper than the rows path: a tile key (rows x tile keys, a dense GEMM)
+# costs about this fraction of a key a row gathers and rotates (benchmarks/decode_paths.py on
+# 2 CPU cores, tiny-model heads: 0.03-0.04 us against 0.2 us)
+TILE_KEY_COST = 0.2
 MIN_RUN = 4  # shared runs shorter than this stay private keys
 
 
@@ -44,7 +47,8 @@ class SharedPlan(NamedTuple):
 
     tile_slots: torch.Tensor  # int64 [NT * T]: the tiles' slots (0 for padding)
     mask: torch.Tensor  # bool [B, NT * T]: row b attends this tile key
-    q_rot: tuple[torch.Tensor, torch.Tensor]  # float32 [B, NT, 1, D]: rotate queries by -delta
+    bias: torch.Tensor  # float32 [NT, 1, B, 1, T]: 0 where mask, -inf elsewhere
+    q_rot: tuple[torch.Tensor, torch.Tensor]  # float32 [NT, 1, B, 1, D]: queries by -delta
     private: bp.BatchKeys  # the rest of every row's keys, compacted (decode appends here)
     shared_keys: int  # row entries served by the tiles
     tiles: int
@@ -147,7 +151,8 @@ def plan_shared(
     )  # fmt: skip
     coll = used & (dm == tdel[:, tile_of])
     served = int(coll.sum())
-    if served < MIN_DENSITY * nb * nt * tile or served < MIN_SHARED * int(valid.sum()):
+    total = int(valid.sum())
+    if served < MIN_SHARED * total or TILE_KEY_COST * nb * nt * tile + total - served >= total:
         return None
     mask = torch.zeros((nb, nt * tile), dtype=torch.bool, device=dev)
     mask[:, col[long]] = coll[:, long]
@@ -155,10 +160,13 @@ def plan_shared(
     shared_e = coll[b_e, r_e] & (dm[b_e, r_e] == d_e)
     private = valid.clone()
     private[b_e[shared_e], j_e[shared_e]] = False
-    c, s = full_width(*delta_cos_sin(-tdel.view(-1), rope.inv_freq), rope)
-    q_rot = (c.view(nb, nt, 1, -1), s.view(nb, nt, 1, -1))
+    c, s = full_width(*delta_cos_sin(-tdel.t().reshape(-1), rope.inv_freq), rope)
+    q_rot = (c.view(nt, 1, nb, 1, -1), s.view(nt, 1, nb, 1, -1))
+    bias = torch.zeros((nb, nt, tile), dtype=torch.float32, device=dev)
+    bias.masked_fill_(~mask.view(nb, nt, tile), float("-inf"))
+    bias = bias.transpose(0, 1).reshape(nt, 1, nb, 1, tile)
     priv = _compact(slots, key_pos, delta, private, rope, headroom)
-    return SharedPlan(tile_slots, mask, q_rot, priv, served, nt, list(seq_lens))
+    return SharedPlan(tile_slots, mask, bias, q_rot, priv, served, nt, list(seq_lens))
 
 
 def _compact(
@@ -214,36 +222,37 @@ def shared_decode(
     """Decode attention of one query per row (``q`` ``[B, H, D]``) -> ``[B, H, Dv]``.
 
     Shared tiles: one gather of their keys for the batch, each row's query rotated per tile,
-    one batched matmul; private keys: gathered and rotated per row (:func:`bp._gather`).
+    one batched matmul; private keys: gathered and rotated per row (:func:`bp._gather`). One
+    softmax over both parts, each kept in the layout its matmul produced (no transposed copy
+    of the scores): their maxima and sums are joined instead.
     """
     ws = ws or bp.Workspace()
     nb, heads, dim = q.shape
     hkv = k_buffer.shape[1]
     rep = heads // hkv
     dv = v_buffer.shape[-1]
-    ntk = int(plan.tile_slots.numel())
     nt = plan.tiles
-    tile = ntk // nt
+    tile = int(plan.tile_slots.numel()) // nt
     f32 = torch.float32
-    kt = k_buffer.index_select(0, plan.tile_slots).to(f32)  # [NT*T, Hkv, D]
-    vt = v_buffer.index_select(0, plan.tile_slots).to(f32)
-    qf = q.to(f32).unsqueeze(1)  # [B, 1, H, D]
-    c, s = plan.q_rot
-    qr = qf * c + swap_pairs(qf, rope) * s  # [B, NT, H, D]: R(-delta) q
-    qr = qr.view(nb, nt, hkv, rep, dim).permute(1, 2, 0, 3, 4).reshape(nt, hkv, nb * rep, dim)
-    kt4 = kt.view(nt, tile, hkv, dim).permute(0, 2, 3, 1)  # [NT, Hkv, D, T]
-    s_sh = torch.matmul(qr, kt4).view(nt, hkv, nb, rep, tile)
-    s_sh = s_sh.permute(2, 1, 3, 0, 4).reshape(nb, heads, ntk)
+    kt = k_buffer.index_select(0, plan.tile_slots).to(f32).view(nt, tile, hkv, dim)
+    vt = v_buffer.index_select(0, plan.tile_slots).to(f32).view(nt, tile, hkv, dv)
+    # queries as [Hkv, B, rep, D], rotated back per tile: [NT, Hkv, B, rep, D]
+    qh = q.to(f32).view(nb, hkv, rep, dim).transpose(0, 1).contiguous()
+    c, s = plan.q_rot  # [NT, 1, B, 1, D]
+    qr = qh * c
+    qr.addcmul_(swap_pairs(qh, rope), s)
+    s_sh = torch.matmul(qr.view(nt, hkv, nb * rep, dim), kt.permute(0, 2, 3, 1))
+    s_sh = s_sh.view(nt, hkv, nb, rep, tile).mul_(scale).add_(plan.bias)  # [NT,Hkv,B,rep,T]
     priv = plan.private
     n = max(priv.seq_lens)
     kp, vp = bp._gather(ws, k_buffer, v_buffer, priv, 0, nb, n, rope)  # [B, n, Hkv, D]
-    s_p = torch.matmul(q.to(f32).view(nb, hkv, rep, dim), kp.to(f32).permute(0, 2, 3, 1))
-    scores = torch.cat([s_sh, s_p.reshape(nb, heads, n)], dim=-1).mul_(scale)
-    seen = torch.cat([plan.mask, priv.valid[:, :n]], dim=1).view(nb, 1, -1)
-    probs = torch.softmax(scores.masked_fill_(~seen, float("-inf")), dim=-1)
-    p_sh = probs[..., :ntk].reshape(nb, hkv, rep, ntk).permute(1, 0, 2, 3)
-    o_sh = torch.matmul(p_sh.reshape(hkv, nb * rep, ntk), vt.permute(1, 0, 2))  # [Hkv, B*rep, Dv]
-    o_sh = o_sh.view(hkv, nb, rep, dv).permute(1, 0, 2, 3)
-    p_p = probs[..., ntk:].reshape(nb, hkv, rep, n)
-    o_p = torch.matmul(p_p, vp.to(f32).permute(0, 2, 1, 3))  # [B, Hkv, rep, Dv]
-    return (o_sh + o_p).reshape(nb, heads, dv).to(q.dtype)
+    s_p = torch.matmul(qh.permute(1, 0, 2, 3), kp.to(f32).permute(0, 2, 3, 1))  # [B,Hkv,rep,n]
+    s_p.mul_(scale).masked_fill_(~priv.valid[:, :n].view(nb, 1, 1, n), float("-inf"))
+    top = torch.maximum(s_sh.amax(dim=(0, 4)), s_p.amax(dim=-1).transpose(0, 1))  # [Hkv,B,rep]
+    s_sh.sub_(top.view(1, hkv, nb, rep, 1)).exp_()
+    s_p.sub_(top.transpose(0, 1).unsqueeze(-1)).exp_()
+    total = s_sh.sum(dim=(0, 4)) + s_p.sum(dim=-1).transpose(0, 1)  # [Hkv, B, rep]
+    o_sh = torch.matmul(s_sh.view(nt, hkv, nb * rep, tile), vt.permute(0, 2, 1, 3)).sum(0)
+    o_p = torch.matmul(s_p, vp.to(f32).permute(0, 2, 1, 3))  # [B, Hkv, rep, Dv]
+    out = o_sh.view(hkv, nb, rep, dv).add_(o_p.transpose(0, 1)).div_(total.unsqueeze(-1))
+    return out.transpose(0, 1).reshape(nb, heads, dv).to(q.dtype)
