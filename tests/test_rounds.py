@@ -110,6 +110,9 @@ def test_one_master_per_segment_and_sparse_mirrors(servers) -> None:
     assert _computed(td_out) < 0.7 * _computed(off_out)
     assert rnd["prefill_tokens_computed"] == _computed(td_out)
     assert s["integrity"] == "ok"
+    # the reuse agents decoded together over the round's masters: the shared decode path
+    shared = "decode_steps_shared"
+    assert s["attention"][shared] > before["attention"][shared]
 
 
 def test_round_missing_an_agent_completes_after_the_timeout(servers) -> None:
