@@ -19,6 +19,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
 from sglang_tokendance.attention import hooks
+from sglang_tokendance.attention.shared_decode import SharedPlan
 from sglang_tokendance.attention.tagged import TaggedAttention
 from sglang_tokendance.config import TokenDanceConfig
 from sglang_tokendance.positions import get_position_table
@@ -46,7 +47,9 @@ class Req(NamedTuple):
 class World:
     """Real SGLang pools + one attention layer + a token sequence with raw q/k/v."""
 
-    def __init__(self, model: torch.nn.Module | None = None, path: str = "torch") -> None:
+    def __init__(
+        self, model: torch.nn.Module | None = None, path: str = "torch", decode: str = "shared"
+    ) -> None:
         self.r2t = ReqToTokenPool(
             size=8, max_context_len=64, device="cpu", enable_memory_saver=False
         )
@@ -64,7 +67,7 @@ class World:
         runner = SimpleNamespace(
             device="cpu", req_to_token_pool=self.r2t, token_to_kv_pool=self.kv, model=self.model
         )
-        cfg = TokenDanceConfig(enabled=True, attention=path)
+        cfg = TokenDanceConfig(enabled=True, attention=path, decode=decode)
         self.runner = runner
         self.tagged = pool_state(self.r2t).attention = TaggedAttention(runner, cfg)
         self.native = TorchNativeAttnBackend(runner)
@@ -229,10 +232,12 @@ def test_mixed_batch_takes_the_tagged_path_and_plain_rows_stay_correct() -> None
     assert w.table.slot_pos[[30, 31, 60, 61]].tolist() == [4, 5, 8, 9]
 
 
-def test_decode_plan_is_extended_across_steps_and_rebuilt_when_rows_change() -> None:
-    """Three decode steps of a laid-out row next to a plain one: each equals the ordinary
-    row's output; steps 2-3 extend the kept plan, a repointed row forces a rebuild."""
-    w = World()
+@pytest.mark.parametrize("decode", ["rows", "shared"])
+def test_decode_plan_is_extended_across_steps_and_rebuilt_when_rows_change(decode: str) -> None:
+    """Three decode steps of a laid-out row next to a plain one holding the same slots: each
+    equals the ordinary row's output; steps 2-3 extend the kept plan, a repointed row forces a
+    rebuild. Shared decode reads the two rows' common keys once (its private keys grow)."""
+    w = World(decode=decode)
     sa, _ = _ordinary_prefill(w)
     perm = [4, 0, 7, 2, 8, 1, 6, 3, 5, 9, 10, 11]
     w.row(2, [sa[t] for t in perm])
@@ -248,8 +253,10 @@ def test_decode_plan_is_extended_across_steps_and_rebuilt_when_rows_change() -> 
         assert w.last_tagged
         torch.testing.assert_close(out[1], out[0], **TOL)
         plans.append(w.tagged._decode)
-    assert plans[1] is not None and plans[1].slots is plans[0].slots  # extended in place
-    assert plans[2].slots is not plans[1].slots  # rebuilt after the row changed
+    keys = [p.private if decode == "shared" else p for p in plans]
+    assert all(isinstance(p, SharedPlan) == (decode == "shared") for p in plans)
+    assert keys[1].slots is keys[0].slots  # extended in place
+    assert keys[2].slots is not keys[1].slots  # rebuilt after the row changed
     assert plans[2].seq_lens == [N + 3, N + 3]
 
 

@@ -116,13 +116,7 @@ def plan_batch(
         rows, seq_lens = rows[order], [seq_lens[i] for i in perm]
     width = bucket(max(seq_lens) + headroom) if headroom else max(seq_lens)
     width = min(width, tables.req_to_token.shape[1])
-    lens = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
-    j = torch.arange(width, dtype=torch.int64, device=dev).view(1, -1)
-    valid = j < lens.view(-1, 1)
-    slots = tables.req_to_token[rows, :width].to(torch.int64).masked_fill_(~valid, 0)
-    laid = j < tables.layout_len[rows].to(torch.int64).view(-1, 1)
-    key_pos = torch.where(laid, tables.req_to_pos[rows, :width].to(torch.int64), j)
-    delta = (key_pos - tables.slot_pos[slots].to(torch.int64)).masked_fill_(~valid, 0)
+    slots, key_pos, delta, valid = row_keys(rows, seq_lens, tables, width)
     key_pos = key_pos.masked_fill(~valid, BIG)
     if by_position:  # padding (BIG) sorts last: valid stays a prefix of each row
         perm = torch.argsort(key_pos, dim=1, stable=True)
@@ -135,6 +129,23 @@ def plan_batch(
         shape = (*slots.shape, 1, rope.head_dim)
         rot = (c.view(shape), s.view(shape))
     return BatchKeys(list(seq_lens), slots, key_pos, valid, rot, moves.tolist(), order, by_position)
+
+
+def row_keys(
+    rows: torch.Tensor, seq_lens: list[int], tables: Tables, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, width]`` slots, true key positions, rotation deltas and validity of ``rows``
+    (slot 0 and delta 0 past a row's length; positions there are the column index)."""
+    dev = tables.req_to_token.device
+    rows = rows.to(dev, torch.int64)
+    lens = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
+    j = torch.arange(width, dtype=torch.int64, device=dev).view(1, -1)
+    valid = j < lens.view(-1, 1)
+    slots = tables.req_to_token[rows, :width].to(torch.int64).masked_fill_(~valid, 0)
+    laid = j < tables.layout_len[rows].to(torch.int64).view(-1, 1)
+    key_pos = torch.where(laid, tables.req_to_pos[rows, :width].to(torch.int64), j)
+    delta = (key_pos - tables.slot_pos[slots].to(torch.int64)).masked_fill_(~valid, 0)
+    return slots, key_pos, delta, valid
 
 
 def append_decode(plan: BatchKeys, new_slots: torch.Tensor) -> BatchKeys | None:

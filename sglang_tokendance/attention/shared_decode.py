@@ -55,23 +55,6 @@ class SharedPlan(NamedTuple):
     seq_lens: list[int]  # every row's whole key count (tiles + private), host side
 
 
-def _row_keys(
-    rows: torch.Tensor, seq_lens: list[int], tables: bp.Tables
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """slots, true key positions, deltas and validity ``[B, C]`` (C: the longest row)."""
-    dev = tables.req_to_token.device
-    rows = rows.to(dev, torch.int64)
-    width = max(seq_lens)
-    lens = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
-    j = torch.arange(width, dtype=torch.int64, device=dev).view(1, -1)
-    valid = j < lens.view(-1, 1)
-    slots = tables.req_to_token[rows, :width].to(torch.int64).masked_fill_(~valid, 0)
-    laid = j < tables.layout_len[rows].to(torch.int64).view(-1, 1)
-    key_pos = torch.where(laid, tables.req_to_pos[rows, :width].to(torch.int64), j)
-    delta = (key_pos - tables.slot_pos[slots].to(torch.int64)).masked_fill_(~valid, 0)
-    return slots, key_pos, delta, valid
-
-
 def plan_shared(
     rows: torch.Tensor,
     seq_lens: list[int],
@@ -84,7 +67,7 @@ def plan_shared(
 
     Vectorized: sorts and scatters over the batch's entries, no per-row Python loop.
     """
-    slots, key_pos, delta, valid = _row_keys(rows, seq_lens, tables)
+    slots, key_pos, delta, valid = bp.row_keys(rows, seq_lens, tables, max(seq_lens))
     nb, width = slots.shape
     if nb < 2:
         return None
