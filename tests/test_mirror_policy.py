@@ -121,7 +121,10 @@ def test_threshold_spans_keep_to_drop_by_eps(
             hist = s["mirror_deviation"]
             assert hist["n"] == s["mirror_slots_kept"] > 0 and s["mirror_slots_freed"] == 0
             median = hist["median_upper"]
-            assert ids == keep_ids  # every slot kept: the very computation keep does
+            # every slot kept: the very prefill keep does, so every agent's first token (from
+            # prefill, which attends row by row) is keep's; later tokens come from shared
+            # decode, whose float rounding depends on the batch and this server's history
+            assert [o[0] for o in ids] == [o[0] for o in keep_ids]
     e0, huge, mid = got["eps0"], got["huge"], got["mid"]
     for view in (e0, huge, mid):  # the same views of the same masters as keep and drop
         assert view["mirrors"] == keep["mirrors"] == drop["mirrors"]
