@@ -17,11 +17,13 @@ A plan splits each row's keys into two disjoint parts (every key counted exactly
         and any shared entry whose delta differs from its tile's): gathered and rotated per
         row as in :mod:`.batch_plan`; decode steps append here
 
-Tiles come from the shared slots ordered by where their first row holds them, cut wherever a
-row holds two neighbours at different deltas (two masters, or one master twice), and every T
-keys. The grouping is only about speed: an entry whose delta is not its tile's stays private,
-so the result is the same attention whatever the grouping. Scores of both parts are joined
-before one softmax (no log-sum-exp merging). No SGLang import.
+Tiles come from the shared slots ordered by where the row holding the most of them holds them,
+cut wherever a row holds two neighbours at different deltas (two masters, or one master
+twice), where runs were not written at consecutive positions, and every T keys; runs shorter
+than MIN_RUN stay private. The grouping is only about speed: an entry whose delta is not its
+tile's stays private, so the result is the same attention whatever the grouping. One softmax
+over both parts: their maxima and sums are joined, each part kept in its matmul's layout. No
+SGLang import.
 """
 
 from __future__ import annotations
