@@ -122,13 +122,21 @@ def plan_batch(
         perm = torch.argsort(key_pos, dim=1, stable=True)
         slots, key_pos = slots.gather(1, perm), key_pos.gather(1, perm)
         valid, delta = valid.gather(1, perm), delta.gather(1, perm)
+    rot, moves = key_rotation(delta, rope)
+    return BatchKeys(list(seq_lens), slots, key_pos, valid, rot, moves, order, by_position)
+
+
+def key_rotation(
+    delta: torch.Tensor, rope: RopeParams
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, list[bool]]:
+    """The dense rotation ``[B, C, 1, D]`` (cos, sin) of keys moved by ``delta`` ``[B, C]``,
+    None when no key moves, and per row whether any of its keys moves."""
     moves = (delta != 0).any(dim=1)
-    rot = None
-    if bool(moves.any()):
-        c, s = full_width(*delta_cos_sin(delta.view(-1), rope.inv_freq), rope)
-        shape = (*slots.shape, 1, rope.head_dim)
-        rot = (c.view(shape), s.view(shape))
-    return BatchKeys(list(seq_lens), slots, key_pos, valid, rot, moves.tolist(), order, by_position)
+    if not bool(moves.any()):
+        return None, moves.tolist()
+    c, s = full_width(*delta_cos_sin(delta.reshape(-1), rope.inv_freq), rope)
+    shape = (*delta.shape, 1, rope.head_dim)
+    return (c.view(shape), s.view(shape)), moves.tolist()
 
 
 def row_keys(

@@ -178,13 +178,8 @@ def _compact(
     p_slots, p_pos = pick(slots, 0), pick(key_pos, bp.BIG)
     p_delta = pick(delta, 0)
     valid = torch.arange(width, device=slots.device).view(1, -1) < lens.view(-1, 1)
-    moves = (p_delta != 0).any(dim=1)
-    rot = None
-    if bool(moves.any()):
-        c, s = full_width(*delta_cos_sin(p_delta.view(-1), rope.inv_freq), rope)
-        shape = (*p_slots.shape, 1, rope.head_dim)
-        rot = (c.view(shape), s.view(shape))
-    return bp.BatchKeys(lens.tolist(), p_slots, p_pos, valid, rot, moves.tolist())
+    rot, moves = bp.key_rotation(p_delta, rope)
+    return bp.BatchKeys(lens.tolist(), p_slots, p_pos, valid, rot, moves)
 
 
 def append_step(plan: SharedPlan, new_slots: torch.Tensor) -> SharedPlan | None:
