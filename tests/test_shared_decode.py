@@ -76,6 +76,21 @@ def test_decode_steps_append_to_the_private_keys() -> None:
     torch.testing.assert_close(got, _want(w, q, rope, seq, 0.25), **TOL)
 
 
+def test_mirror_slots_do_not_cut_a_master_into_more_tiles() -> None:
+    """Every row (the master agent too) replaced 3 master keys by its own mirror slots: the
+    masters still make ceil(40 / 32) + ceil(70 / 32) = 5 tiles, each key a row still holds is
+    read from a tile, and the result is the reference's."""
+    rope = RopeParams.default(10000.0, D)
+    w = make_round(8, [40, 70], HKV, D, mirrors=3, seed=3)
+    plan = sd.plan_shared(w.rows, w.seq_lens, w.tables, rope, tile=32)
+    assert plan is not None
+    assert plan.tiles == 5
+    assert plan.shared_keys == 8 * (40 + 70 - 3)
+    q = torch.randn(8, H, D, generator=torch.Generator().manual_seed(3))
+    got = sd.shared_decode(q, w.k, w.v, plan, rope, 0.3)
+    torch.testing.assert_close(got, _want(w, q, rope, w.seq_lens, 0.3), **TOL)
+
+
 def test_a_batch_without_sharing_keeps_the_row_path() -> None:
     rope = RopeParams.default(10000.0, D)
     w = _round(1, [8, 8])

@@ -17,13 +17,14 @@ A plan splits each row's keys into two disjoint parts (every key counted exactly
         and any shared entry whose delta differs from its tile's): gathered and rotated per
         row as in :mod:`.batch_plan`; decode steps append here
 
-Tiles come from the shared slots ordered by where the row holding the most of them holds them,
-cut wherever a row holds two neighbours at different deltas (two masters, or one master
-twice), where runs were not written at consecutive positions, and every T keys; runs shorter
-than MIN_RUN stay private. The grouping is only about speed: an entry whose delta is not its
-tile's stays private, so the result is the same attention whatever the grouping. One softmax
-over both parts: their maxima and sums are joined, each part kept in its matmul's layout. No
-SGLang import.
+Tiles come from the shared slots ordered by where the row holding the most of them holds them
+(a key that row lacks, for its own mirror slot there, sits beside its master's neighbouring
+key: :func:`_fill_gaps`), cut wherever a row holds two neighbours at different deltas (two
+masters, or one master twice), where runs were not written at consecutive positions, and every
+T keys; runs shorter than MIN_RUN stay private. The grouping is only about speed: an entry
+whose delta is not its tile's stays private, so the result is the same attention whatever the
+grouping. One softmax over both parts: their maxima and sums are joined, each part kept in its
+matmul's layout. No SGLang import.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ MIN_SHARED = 0.25  # shared keys must be at least this share of the batch's keys
 # 2 CPU cores, tiny-model heads: 0.03-0.04 us against 0.2 us)
 TILE_KEY_COST = 0.2
 MIN_RUN = 4  # shared runs shorter than this stay private keys
+GAP = 64  # order codes of the anchor row's keys are this far apart (see _fill_gaps)
 
 
 class SharedPlan(NamedTuple):
@@ -89,9 +91,11 @@ def plan_shared(
     fill = torch.zeros(nb, dtype=torch.int64, device=dev).index_add_(0, b_e, torch.ones_like(b_e))
     row_rank = torch.empty_like(fill)
     row_rank[torch.argsort(-fill, stable=True)] = torch.arange(nb, device=dev)
-    code = row_rank[b_e] * (int(key_pos[valid].max()) + 1) + key_pos[b_e, j_e]
+    span = (int(key_pos[valid].max()) + 1) * GAP
+    code = row_rank[b_e] * span + key_pos[b_e, j_e] * GAP
     first = torch.full((nu,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
     first.scatter_reduce_(0, u_e, code, "amin")
+    first = _fill_gaps(first, cand, slots, key_pos, delta, b_e, j_e, u_e, span)
     order = torch.argsort(first)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(nu, device=dev)
@@ -152,6 +156,55 @@ def plan_shared(
     bias = bias.transpose(0, 1).reshape(nt, 1, nb, 1, tile)
     priv = _compact(slots, key_pos, delta, private, rope, headroom)
     return SharedPlan(tile_slots, mask, bias, q_rot, priv, served, nt, list(seq_lens))
+
+
+def _fill_gaps(
+    first: torch.Tensor,
+    cand: torch.Tensor,
+    slots: torch.Tensor,
+    key_pos: torch.Tensor,
+    delta: torch.Tensor,
+    b_e: torch.Tensor,
+    j_e: torch.Tensor,
+    u_e: torch.Tensor,
+    span: int,
+) -> torch.Tensor:
+    """Order keys the fullest row lacks (it holds a mirror slot there) beside their master.
+
+    A master key the anchor row A replaced by its own mirror slot is first held by a later row
+    B, so by B's code it would sort after all of A's keys: a run of its own, and a cut in A's
+    run around it (its neighbours' positions are no longer consecutive). B holds it next to
+    the master's previous (or next) key, at consecutive positions with the same delta; that
+    neighbour has A's code, so the key takes the code one step after (before) it. Codes are
+    ``GAP`` apart, so a gap of up to ``GAP / 2`` keys fills in order::
+
+        A:  m0 m1 [A's mirror] m3        codes 0 . GAP . 2 GAP .. 3 GAP
+        B:  m0 m1 m2           m3        m2 from B's row: code(m1) + 1 = GAP + 1
+
+    A gap's key that every neighbour of it lacks keeps its own code.
+    """
+    nb, width = slots.shape
+    u_of = torch.full((nb, width), -1, dtype=torch.int64, device=slots.device)
+    u_of[b_e, j_e] = u_e
+    # entries whose row neighbour is the same master's neighbouring key
+    same = (
+        cand[:, 1:] & cand[:, :-1]
+        & (delta[:, 1:] == delta[:, :-1])
+        & (key_pos[:, 1:] == key_pos[:, :-1] + 1)
+    )  # fmt: skip
+    bp_, jp = same.nonzero(as_tuple=True)  # entry (b, jp + 1) follows entry (b, jp)
+    after, before = u_of[bp_, jp + 1], u_of[bp_, jp]
+    # each link both ways: (key, its neighbour, the step from the neighbour's code)
+    key = torch.cat([after, before])
+    nbr = torch.cat([before, after])
+    step = torch.cat([torch.ones_like(after), -torch.ones_like(before)])
+    for _ in range(GAP // 2):
+        proposal = first[nbr] + step
+        better = first[nbr] // span < first[key] // span  # the neighbour's anchor row is fuller
+        if not bool(better.any()):
+            break
+        first = first.scatter_reduce(0, key[better], proposal[better], "amin")
+    return first
 
 
 def _compact(
