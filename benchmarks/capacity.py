@@ -10,7 +10,10 @@ the server's own pool. A probe with N agents replays ``--rounds`` rounds of an N
 3. EVERY round's latency, first request sent -> last answer (so it includes the round barrier
    and any queueing for KV), is <= the SLO: ``--slo-k`` (default 4) x mode off's round latency
    at ``--ref-agents`` (default 4) agents on the same workload and pool (the median over
-   ``--ref-repeats`` runs of the worst round). ``--slo-ms`` gives the SLO directly instead.
+   ``--ref-repeats`` runs of the worst round). The reference runs again before every probe
+   and the probe's SLO is k x the median of the last 3 references, so the SLO follows a
+   machine whose speed drifts (``--fixed-slo``: the first SLO for every probe).
+   ``--slo-ms`` gives the SLO directly instead.
 
 A probe that fails only the latency condition is run once more (the machine is shared); the
 faster try counts. Search per (workload, mode): N = 1, 2, 4, ... doubling until a probe fails
@@ -46,7 +49,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common
-from benchmarks.capacity_probe import GA_TRACE, TraceSpec, judged, probe, search
+from benchmarks.capacity_probe import GA_TRACE, PairedSlo, TraceSpec, judged, probe, search
 
 logger = logging.getLogger("benchmarks.capacity")
 
@@ -73,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ref-agents", type=int, default=4, help="agents of the reference probe")
     ap.add_argument("--ref-repeats", type=int, default=3, help="reference probes (median)")
     ap.add_argument("--slo-ms", type=float, default=0.0, help="a given SLO (skips the reference)")
+    ap.add_argument(
+        "--fixed-slo",
+        dest="paired",
+        action="store_false",
+        help="judge every probe against the SLO measured at the start (default: the reference "
+        "runs again before each probe and the SLO follows the machine's speed)",
+    )
     ap.add_argument(
         "--no-slo",
         dest="slo",
@@ -165,10 +175,18 @@ def run_workload(
     elif args.slo_ms > 0:
         slo = args.slo_ms
     else:
-        srv = pool.get(pool.key(model, "off", args.ratio, extra))
+        off_key = pool.key(model, "off", args.ratio, extra)
+        srv = pool.get(off_key)
         common.warm_up(srv.url)
         ref = reference(srv.url, spec, args)
         slo = args.slo_k * ref["latency_ms"]
+    paired = None
+    if ref is not None and args.paired:
+
+        def measure() -> float:  # off's server stays up beside the mode's (pool.max_alive)
+            return probe(pool.get(off_key).url, spec, args.ref_agents, None)["worst_round_ms"]
+
+        paired = PairedSlo(measure, args.slo_k, ref["samples_ms"])
     logger.info("%s: SLO %s ms per round (reference %s)", workload, slo, ref)
     per_mode: dict[str, Any] = {}
     for key in pool.order([pool.key(model, m, args.ratio, extra) for m in args.modes]):
@@ -178,7 +196,7 @@ def run_workload(
 
         def check(n: int, url: str = srv.url, probes: dict = probes) -> bool:
             if n not in probes:
-                probes[n] = judged(url, spec, n, slo)
+                probes[n] = judged(url, spec, n, paired.next() if paired else slo)
             return bool(probes[n]["served"])
 
         def check_resident(n: int, url: str = srv.url, probes: dict = probes) -> bool:
@@ -222,6 +240,8 @@ def run_workload(
         for b in ("off", "pic")
         if args.resident and "tokendance" in res_caps and b in res_caps
     }
+    if paired is not None:  # every reference, in order: the machine's speed over the run
+        ref["paired_samples_ms"] = [round(x, 2) for x in paired.samples]
     return {
         "slo_ms": None if slo is None else round(slo, 2),
         "slo_source": _slo_source(args, ref),
@@ -240,6 +260,11 @@ def _slo_source(args: argparse.Namespace, ref: dict[str, Any] | None) -> str:
         return "none (--no-slo: resident capacity only)"
     if ref is None:
         return "given (--slo-ms)"
+    if args.paired:
+        return (
+            f"{args.slo_k:g} x off at {args.ref_agents} agents, measured again before each "
+            "probe (median of the last 3)"
+        )
     return f"{args.slo_k:g} x off at {args.ref_agents} agents"
 
 
@@ -274,6 +299,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             "slo_k": args.slo_k,
             "slo_ms": args.slo_ms or None,
             "slo_search": args.slo,
+            "slo_paired": args.paired,
             "ref_agents": args.ref_agents,
             "ref_repeats": args.ref_repeats,
             "max_agents": args.max_agents,
@@ -335,12 +361,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"{w['max_agents']} agents.",
             "",
             "| mode | capacity under the SLO | resident capacity | probes (N: served, worst "
-            "round ms, resident, peak KV tokens of the rounds) |",
+            "round ms[/its SLO], resident, peak KV tokens of the rounds) |",
             "|---|---|---|---|",
         ]
         for m, v in w["per_mode"].items():
             pr = ", ".join(
-                f"{p['agents']}: {'y' if p['served'] else 'n'} {p['worst_round_ms']:.0f} "
+                f"{p['agents']}: {'y' if p['served'] else 'n'} {p['worst_round_ms']:.0f}"
+                f"{_probe_slo(p, w)} "
                 f"{'r' if p.get('resident') else '-'}{_peaks(p)}"
                 for p in v["probes"]
             )
@@ -356,6 +383,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _ms(ms: float | None) -> str:
     return "none" if ms is None else f"{ms:.0f} ms"
+
+
+def _probe_slo(p: dict[str, Any], w: dict[str, Any]) -> str:
+    """``/<its SLO>`` for a probe judged against an SLO other than the workload's first."""
+    slo = p.get("slo_ms")
+    return "" if slo is None or slo == w["slo_ms"] else f"/{slo:.0f}"
 
 
 def _peaks(p: dict[str, Any]) -> str:

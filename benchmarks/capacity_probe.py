@@ -13,6 +13,7 @@ pool holds, whatever the machine's speed.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,6 +144,30 @@ def _waited(replies: list[Any]) -> int:
         return 0
     first_done = min(done)
     return sum(1 for r in replies if r.t_first is not None and r.t_first > first_done)
+
+
+class PairedSlo:
+    """The SLO of each probe from a reference measured just before it.
+
+    This VM's speed drifts by up to 3x within minutes (mode off's 16-agent round: 2,652 ms in
+    one run, 915 ms in the next), so an SLO fixed at the start of a search judges later probes
+    on another machine. Before each probe, ``measure()`` runs the reference once more; the
+    probe's SLO is ``k`` x the median of the last ``window`` references (a single reference
+    round is noisy too).
+    """
+
+    def __init__(
+        self, measure: Callable[[], float], k: float, first: list[float], window: int = 3
+    ) -> None:
+        if not first:
+            raise ValueError("PairedSlo needs at least one reference sample to start from")
+        self.measure, self.k, self.window = measure, k, max(1, window)
+        self.samples: list[float] = list(first)
+
+    def next(self) -> float:
+        """Measure the reference once more; the SLO (ms) for the probe about to run."""
+        self.samples.append(float(self.measure()))
+        return self.k * statistics.median(self.samples[-self.window :])
 
 
 def judged(url: str, spec: TraceSpec, n: int, slo_ms: float) -> dict[str, Any]:

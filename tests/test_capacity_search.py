@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.capacity_probe import TraceSpec, search  # noqa: E402
+from benchmarks.capacity_probe import PairedSlo, TraceSpec, search  # noqa: E402
 
 
 @pytest.mark.parametrize("limit", [0, 1, 2, 3, 5, 8, 13, 24, 25])
@@ -37,3 +37,19 @@ def test_ga_spec_takes_the_first_n_agents_with_their_real_prompts() -> None:
     by_key = {(r.round, r.agent): r for r in full.requests}
     for r in small.requests:  # the same prompts as in the recorded 25-agent run
         assert r.prompt() == by_key[(r.round, r.agent)].prompt() and r.max_tokens == 5
+
+
+def test_paired_slo_follows_the_reference_measured_before_each_probe() -> None:
+    """The machine slows 3x after the first probe: the SLO follows within the window."""
+    speeds = iter([100.0, 300.0, 300.0, 300.0])
+    slo = PairedSlo(lambda: next(speeds), k=4.0, first=[100.0, 110.0, 90.0])
+    assert slo.next() == 4.0 * 100.0  # median of 110, 90, 100
+    assert slo.next() == 4.0 * 100.0  # median of 90, 100, 300
+    assert slo.next() == 4.0 * 300.0  # median of 100, 300, 300
+    assert slo.next() == 4.0 * 300.0
+    assert slo.samples == [100.0, 110.0, 90.0, 100.0, 300.0, 300.0, 300.0]
+
+
+def test_paired_slo_without_a_first_sample_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one reference sample"):
+        PairedSlo(lambda: 1.0, k=4.0, first=[])
