@@ -8,6 +8,9 @@ Cases (each its own trace, model and server flags; every mode of a case uses the
   words, 22 shared words per output), tiny model, a pool large enough for every agent
   (``--max-total-tokens 450000 --max-running-requests 64``).
 - ``society16-small``: the same generator at 16 agents x 3 rounds, the small model.
+- ``society16-capacity``: the capacity benchmark's society probe at 16 agents (2 rounds, 16
+  output tokens, pool 32,768, every mode on the position-aware attention path as there): where
+  its rounds spend their time near off's pool limit.
 - ``society32-trained``: 32 agents x 3 rounds, 70 private / 11 shared words (prompts fit the
   trained model's 4,096-token context), the trained model (real attention patterns: its
   threshold mirror policy keeps part of the diff, the random models' frees all of it).
@@ -18,9 +21,12 @@ Cases (each its own trace, model and server flags; every mode of a case uses the
 
 Per run: round latency p50/p90 over the trace's rounds (first request sent -> last answer in),
 TTFT p50 (streamed, per request), decode tokens/s (median over requests of ``(tokens - 1) /
-(latency - TTFT)``). Modes run interleaved (repeat k rotates the order) on servers that stay up
-(``--sleep-on-idle``), the cache flushed before each run, fresh round ids each run. Spread:
-median and min/max over repeats; ratios off/tokendance are paired per repeat.
+(latency - TTFT)``), and the round split in two: ``all_first`` (first request sent -> the last
+agent's first token: the barrier, every prefill and any wait for KV) and ``tail`` (from there to
+the last answer: decode only), p50 over rounds. Modes run interleaved (repeat k rotates the
+order) on servers that stay up (``--sleep-on-idle``), the cache flushed before each run, fresh
+round ids each run. Spread: median and min/max over repeats; ratios off/tokendance are paired
+per repeat.
 
     python benchmarks/round_latency.py --out runs/bench/round_latency
     python benchmarks/round_latency.py --cases ga25 decode --repeats 3 --out ...
@@ -47,7 +53,14 @@ from benchmarks import common
 
 logger = logging.getLogger("benchmarks.round_latency")
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("round_ms_p50", "round_ms_p90", "ttft_ms_p50", "decode_tok_s")
+METRICS = (
+    "round_ms_p50",
+    "round_ms_p90",
+    "ttft_ms_p50",
+    "decode_tok_s",
+    "all_first_ms_p50",
+    "tail_ms_p50",
+)
 
 
 class Case(NamedTuple):
@@ -70,6 +83,11 @@ CASES: dict[str, Case] = {
         "small",
         "--max-total-tokens 131072 --max-running-requests 32",
         dict(SOCIETY, agents=16, rounds=3),
+    ),
+    "society16-capacity": Case(
+        "tiny",
+        "--max-total-tokens 32768 --tokendance-uniform-attention",
+        dict(SOCIETY, agents=16, rounds=2, max_tokens=16),
     ),
     "society32-trained": Case(
         "trained",
@@ -116,9 +134,16 @@ def _pct(xs: list[float], p: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
 
+def _all_first_ms(rnd: Any) -> float | None:
+    """Round start -> the last agent's first token (a round's requests are sent at once)."""
+    ttft = [q.ttft_ms for q in rnd.requests if q.ttft_ms is not None and q.error is None]
+    return max(ttft) if ttft and len(ttft) == len(rnd.requests) else None
+
+
 def run_metrics(result: Any) -> dict[str, Any]:
     """Per-run numbers from a ReplayResult."""
     lat = [r.latency_ms for r in result.rounds]
+    first = [(r.latency_ms, f) for r in result.rounds if (f := _all_first_ms(r)) is not None]
     reqs = [q for r in result.rounds for q in r.requests]
     ttft = [q.ttft_ms for q in reqs if q.ttft_ms is not None and q.error is None]
     rates = [x for x in (_decode_rate(q) for q in reqs) if x is not None]
@@ -127,6 +152,8 @@ def run_metrics(result: Any) -> dict[str, Any]:
         "round_ms_p90": _pct(lat, 0.9),
         "ttft_ms_p50": _pct(ttft, 0.5),
         "decode_tok_s": statistics.median(rates) if rates else None,
+        "all_first_ms_p50": _pct([f for _, f in first], 0.5),
+        "tail_ms_p50": _pct([max(0.0, t - f) for t, f in first], 0.5),
         "round_ms": [round(x, 1) for x in lat],
         "errors": sum(1 for q in reqs if q.error is not None),
     }

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import server_pool
 from roundclient import generate, round_bodies, run_round, stats
 
 from sglang_tokendance.server import ServerProcess, start_all
@@ -25,21 +26,24 @@ PLAIN = ["Alice went to the market and", "The weather in the valley was"]
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
+def servers(tiny_llama: Path, request, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("attention-paths")
     specs = {
         "stock_triton": (TRITON, INTERP),
         "td_triton": (TRITON + TD + ["--tokendance-attention", "triton"], INTERP),
-        "stock_torch": ([], None),
         "td_torch": (TD + ["--tokendance-attention", "torch"], None),
     }
+    stock = server_pool.spec(tiny_llama)  # stock SGLang, shared with the foundation tests
+    server_pool.launch(request, tmp_path_factory, stock)
     started = {
         name: ServerProcess(tiny_llama, flags, log_path=tmp / f"{name}.log", env=env)
         for name, (flags, env) in specs.items()
     }
     start_all(started.values())  # together; stops all of them if one fails
     try:
-        yield {k: v.url for k, v in started.items()}
+        urls = {k: v.url for k, v in started.items()}
+        urls["stock_torch"] = server_pool.url(request, tmp_path_factory, stock)
+        yield urls
     finally:
         for srv in started.values():
             srv.stop()

@@ -110,6 +110,8 @@ def test_round_latency_metrics_and_paired_ratios() -> None:
     td = rl.run_metrics(result([50.0, 150.0, 100.0], 25.0))
     assert off["round_ms_p50"] == 200.0 and off["round_ms_p90"] == 300.0
     assert off["decode_tok_s"] == 100.0  # 10 tokens after the first in 100 ms
+    # every agent had its first token at 50 ms; the rest of each round is decode
+    assert off["all_first_ms_p50"] == 50.0 and off["tail_ms_p50"] == 150.0
     runs = [
         dict(r, case="c", repeat=0) for r in (dict(off, mode="off"), dict(td, mode="tokendance"))
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,9 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+import server_pool
 import torch
-from test_replay_shared import _servers as shared_servers
-from test_replay_shared import shared_server
+from test_replay_shared import shared_process, shared_server
 
 from sglang_tokendance.server import ServerProcess, build_command, free_port, server_env
 
@@ -50,10 +51,9 @@ def _sglang_greedy(url: str, prompt: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def llama_stock(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
-    srv = ServerProcess(tiny_llama, log_path=tmp_path_factory.mktemp("stock") / "s.log")
-    with srv:
-        yield srv
+def llama_stock(tiny_llama: Path, request, tmp_path_factory) -> ServerProcess:
+    """Stock SGLang on the tiny Llama (shared with the attention-path tests)."""
+    return server_pool.server(request, tmp_path_factory, server_pool.spec(tiny_llama))
 
 
 def test_greedy_outputs_match_hf_llama_with_and_without_tokendance(
@@ -91,8 +91,7 @@ def test_greedy_outputs_match_hf_qwen2_with_and_without_tokendance(
 def test_tokendance_server_answers_generate_and_completions(
     tiny_llama: Path, request, tmp_path_factory
 ) -> None:
-    shared_server(request, tiny_llama, tmp_path_factory)
-    srv = shared_servers["td"]
+    srv = shared_process(request, tiny_llama, tmp_path_factory)
     r = requests.post(
         srv.url + "/generate",
         json={"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 4, "temperature": 0}},
@@ -144,32 +143,71 @@ BAD_OPTIONS = [
 ]
 
 
+# What ``python -m sglang.launch_server`` does before it starts anything: load the plugins, then
+# parse and validate the arguments. One process runs it for every bad option (each a separate
+# import of SGLang would cost ~8 CPU-seconds); the first option also gets a real launch.
+_PARSE_EACH = """
+import contextlib, io, json, sys
+from sglang.srt.plugins import load_plugins
+from sglang.srt.server_args import prepare_server_args
+load_plugins()
+for argv in json.loads(sys.argv[1]):
+    err, code = io.StringIO(), 0
+    try:
+        with contextlib.redirect_stderr(err):
+            prepare_server_args(argv)
+    except SystemExit as e:
+        code = e.code
+    except Exception as e:
+        code, err = 1, io.StringIO(f"{type(e).__name__}: {e}")
+    print("RESULT " + json.dumps([code, err.getvalue()]), flush=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def bad_launches(
     tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[tuple[str, ...], tuple[int, str]]:
-    """Every bad-option launch, run at once (each a real ``launch_server`` that must stop at
-    argument validation): flags -> (exit code, stdout + stderr)."""
+    """flags -> (exit code, output) of every bad option: the launch path's argument stage in
+    one process for all of them, and a real ``launch_server`` for the first (it must exit)."""
     tmp = tmp_path_factory.mktemp("bad-options")
-    procs = []
-    for i, (flags, _) in enumerate(BAD_OPTIONS):
+    argvs = []
+    for flags, _ in BAD_OPTIONS:
         cmd = build_command(tiny_llama, free_port(), ["--enable-tokendance", *flags])
-        out = open(tmp / f"launch{i}.log", "w+")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(cmd, env=server_env(), stdout=out, stderr=subprocess.STDOUT)
-        procs.append((tuple(flags), proc, out))
-    results = {}
-    try:
-        for flags, proc, out in procs:
-            proc.wait(timeout=120)
-            out.seek(0)
-            results[flags] = (proc.returncode, out.read())
-    finally:
-        for _, proc, out in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            out.close()
+        argvs.append(cmd[3:])  # past "python -m sglang.launch_server"
+    first = BAD_OPTIONS[0][0]
+    with open(tmp / "launch.log", "w+") as out:
+        real = subprocess.Popen(
+            build_command(tiny_llama, free_port(), ["--enable-tokendance", *first]),
+            env=server_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        each = subprocess.run(
+            [sys.executable, "-c", _PARSE_EACH, json.dumps(argvs)],
+            env=server_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        real.wait(timeout=300)
+        out.seek(0)
+        launched = (real.returncode, out.read())
+    lines = [ln[7:] for ln in each.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert len(lines) == len(BAD_OPTIONS), each.stdout + each.stderr
+    results: dict[tuple[str, ...], tuple[int, str]] = {}
+    for (flags, _), line in zip(BAD_OPTIONS, lines, strict=True):
+        code, text = json.loads(line)
+        results[tuple(flags)] = (int(code), text)
+    results[("launch", *first)] = launched
     return results
+
+
+def test_a_real_launch_with_a_bad_option_exits_with_its_message(bad_launches) -> None:
+    flags, message = BAD_OPTIONS[0]
+    returncode, output = bad_launches[("launch", *flags)]
+    assert returncode != 0
+    assert message in output
 
 
 @pytest.mark.parametrize(("flags", "message"), BAD_OPTIONS)

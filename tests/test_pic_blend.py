@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import server_pool
 from roundclient import generate, round_bodies, run_round, run_trace, stats
 
 from sglang_tokendance.hints import build_request
@@ -22,28 +23,31 @@ POOL = 2500  # small enough that 12 agents' dense prompts do not fit at once
 
 @pytest.fixture(scope="module")
 def servers(
-    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_llama: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SimpleNamespace]:
-    """mode off; pic at ratio 1.0; pic at 0.15 on a small pool with the integrity watch; pic
-    on the small Qwen2 model. All four start together."""
+    """mode off (shared); pic at ratio 1.0; pic at 0.15 on a small pool with the integrity
+    watch; pic on the small Qwen2 model. All four start together."""
     tmp = tmp_path_factory.mktemp("pic-servers")
     # the tiny model has 2 layers: check layer 0 leaves one layer to run on the subset
     pic = ["--enable-tokendance", "--tokendance-mode", "pic", "--tokendance-check-layer", "0"]
     specs = {
-        "off": (["--enable-tokendance", "--tokendance-mode", "off"], {}),
         "full": ([*pic, "--tokendance-recompute-ratio", "1.0"], {}),
         "small": ([*pic, "--max-total-tokens", str(POOL)], {WATCH_ENV: "1"}),
         # 8 layers, the default check layer 1 (a layer-0 K does not depend on the context, so
         # the tiny model's check layer 0 cannot tell contexts apart); Qwen2's model class
         "qwen": (["--enable-tokendance", "--tokendance-mode", "pic"], {}),
     }
+    off = server_pool.spec(tiny_llama, server_pool.OFF)  # shared with the round tests
+    server_pool.launch(request, tmp_path_factory, off)
     started: dict[str, ServerProcess] = {}
     for name, (flags, env) in specs.items():
         model = build("small", "qwen2") if name == "qwen" else tiny_llama
         started[name] = ServerProcess(model, flags, log_path=tmp / f"{name}.log", env=env)
     start_all(started.values())  # stops all of them if one fails
     try:
-        yield SimpleNamespace(**{k: v.url for k, v in started.items()})
+        urls = {k: v.url for k, v in started.items()}
+        urls["off"] = server_pool.url(request, tmp_path_factory, off)
+        yield SimpleNamespace(**urls)
     finally:
         for srv in started.values():
             srv.stop()

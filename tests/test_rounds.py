@@ -10,11 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 import requests
+import server_pool
 from roundclient import generate, round_bodies, run_round, run_trace, segments_of, stats
-from test_replay_shared import ROUND_TIMEOUT_S, shared_server
+from test_replay_shared import ROUND_TIMEOUT_S, launch_shared_server, shared_server
 
 from sglang_tokendance.hints import build_request
-from sglang_tokendance.server import ServerProcess, start_all
+from sglang_tokendance.server import ServerProcess
 from sglang_tokendance.trace import generative_agents
 
 WORKLOAD = dict(agents=8, rounds=3, seed=3, private_words=60, shared_words=18, max_tokens=4)
@@ -26,38 +27,26 @@ def _server(model: Path, tmp: Path, name: str, flags: list[str]) -> ServerProces
 
 @pytest.fixture(scope="module")
 def servers(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, request):
-    """mode off, tokendance at ratio 1.0 (deviation selection, author masters), pic at 1.0, and
-    the shared tokendance server (0.15, "both" selection, author masters, round timeout
-    ROUND_TIMEOUT_S), all on one model."""
+    """mode off and tokendance at ratio 1.0 (deviation selection, author masters; both shared
+    with other modules), pic at 1.0, and the shared tokendance server (0.15, "both" selection,
+    author masters, round timeout ROUND_TIMEOUT_S), all on one model."""
     tmp = tmp_path_factory.mktemp("round-servers")
-    specs = {
-        "off": ["--enable-tokendance", "--tokendance-mode", "off"],
-        "td_full": [
-            "--enable-tokendance",
-            "--tokendance-recompute-ratio",
-            "1.0",
-            "--tokendance-selection",
-            "deviation",
-            "--tokendance-master-policy",
-            "author",
-        ],
-        "pic_full": [
-            "--enable-tokendance",
-            "--tokendance-mode",
-            "pic",
-            "--tokendance-recompute-ratio",
-            "1.0",
-        ],
+    pooled = {
+        "off": server_pool.spec(tiny_llama, server_pool.OFF),
+        "td_full": server_pool.spec(tiny_llama, server_pool.TD_FULL),
     }
-    started = {name: _server(tiny_llama, tmp, name, flags) for name, flags in specs.items()}
-    start_all(started.values())  # together; stops all of them if one fails
+    server_pool.launch(request, tmp_path_factory, *pooled.values())
+    launch_shared_server(request, tiny_llama, tmp_path_factory)
+    pic_full = ["--enable-tokendance", "--tokendance-mode", "pic"]
+    pic_full += ["--tokendance-recompute-ratio", "1.0"]
+    srv = _server(tiny_llama, tmp, "pic_full", pic_full).start()
     try:
-        urls = {k: v.url for k, v in started.items()}
+        urls = {k: server_pool.url(request, tmp_path_factory, v) for k, v in pooled.items()}
+        urls["pic_full"] = srv.url
         urls["td"] = shared_server(request, tiny_llama, tmp_path_factory)
         yield {k: SimpleNamespace(url=u) for k, u in urls.items()}
     finally:
-        for srv in started.values():
-            srv.stop()
+        srv.stop()
 
 
 def _ids(responses: list[list[dict]]) -> list[list[list[int]]]:
@@ -66,13 +55,14 @@ def _ids(responses: list[list[dict]]) -> list[list[list[int]]]:
 
 def test_full_recompute_equals_mode_off_token_for_token(servers) -> None:
     trace = generative_agents(**WORKLOAD)
+    before = stats(servers["td_full"].url)
     off = _ids(run_trace(servers["off"].url, trace, hints=False, prefix="x"))
     td = _ids(run_trace(servers["td_full"].url, trace, hints=True, prefix="x"))
     pic = _ids(run_trace(servers["pic_full"].url, trace, hints=True, prefix="x"))
     assert td == off
     assert pic == off
-    s = stats(servers["td_full"].url)
-    assert s["rounds"] == 3 and s["requests"] == 24
+    s = server_pool.delta(stats(servers["td_full"].url), before, "rounds", "requests")
+    assert s == {"rounds": 3, "requests": 24}
 
 
 def _computed(responses: list[dict]) -> int:

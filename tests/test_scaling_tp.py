@@ -13,42 +13,46 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import server_pool
 from roundclient import round_bodies, run_round, stats
 
-from sglang_tokendance.server import ServerProcess, start_all
+from sglang_tokendance.server import ServerProcess
 from sglang_tokendance.trace import generative_agents
 
 pytestmark = pytest.mark.server
 
-FLAGS = ["--enable-tokendance", "--tokendance-recompute-ratio", "1.0"]
-FLAGS += ["--tokendance-selection", "deviation", "--tokendance-round-timeout-ms", "1500"]
+COUNTERS = ("rounds", "rounds_timed_out", "late_arrivals", "masters_created")
+COUNTERS += ("deviation_selections", "recompute_tokens")
 
 
-def _run(url: str) -> tuple[list[list[int]], dict]:
+def _run(url: str) -> tuple[list[list[int]], dict, dict]:
+    """Outputs, counters (as differences: the one-rank server is shared) and the last stats."""
+    server_pool.flush(url)  # no master of another module's rounds
     trace = generative_agents(agents=4, rounds=2, seed=13, private_words=25, shared_words=10)
     rounds = trace.rounds()
+    before = stats(url)
     whole = run_round(url, round_bodies(rounds[1], "tp/r1", True, 4))
     partial = run_round(url, round_bodies(rounds[2], "tp/r2", True, 4)[:3])  # one never comes
-    return [o["output_ids"] for o in whole + partial], stats(url)
+    after = stats(url)
+    ids = [o["output_ids"] for o in whole + partial]
+    return ids, server_pool.delta(after, before, *COUNTERS), after
 
 
-def test_tp2_rounds_equal_tp1_token_for_token(tiny_llama: Path, tmp_path: Path) -> None:
-    one = ServerProcess(tiny_llama, FLAGS, log_path=tmp_path / "tp1.log")
-    # --tp-size 2 sets the CPU threads bind
-    two = ServerProcess(tiny_llama, [*FLAGS, "--tp-size", "2"], log_path=tmp_path / "tp2.log")
-    start_all([one, two])  # stops both if one fails
-    try:
-        ids1, s1 = _run(one.url)
-        one.stop()
-        ids2, s2 = _run(two.url)
-    finally:
-        one.stop()
-        two.stop()
+def test_tp2_rounds_equal_tp1_token_for_token(
+    tiny_llama: Path, request: pytest.FixtureRequest, tmp_path_factory, tmp_path: Path
+) -> None:
+    # the one-rank server is the round tests' (the same flags); --tp-size 2 sets the CPU bind
+    one = server_pool.spec(tiny_llama, server_pool.TD_FULL)
+    server_pool.launch(request, tmp_path_factory, one)
+    flags = [*server_pool.TD_FULL, "--tp-size", "2"]
+    with ServerProcess(tiny_llama, flags, log_path=tmp_path / "tp2.log") as two:
+        ids1, c1, s1 = _run(server_pool.url(request, tmp_path_factory, one))
+        ids2, c2, s2 = _run(two.url)
     assert s2["tp_size"] == 2 and s1["tp_size"] == 1
     assert ids2 == ids1
-    for s in (s1, s2):
-        assert s["rounds"] == 2 and s["rounds_timed_out"] == 1 and s["late_arrivals"] == 0
+    for c, s in ((c1, s1), (c2, s2)):
+        assert c["rounds"] == 2 and c["rounds_timed_out"] == 1 and c["late_arrivals"] == 0
         assert s["integrity"] == "ok"
-    assert s2["masters_created"] == s1["masters_created"]
-    assert s2["deviation_selections"] == s1["deviation_selections"] > 0
-    assert s2["recompute_tokens"] == s1["recompute_tokens"]
+    assert c2["masters_created"] == c1["masters_created"]
+    assert c2["deviation_selections"] == c1["deviation_selections"] > 0
+    assert c2["recompute_tokens"] == c1["recompute_tokens"]
