@@ -11,12 +11,10 @@ absolute values. A module launches its shared servers together with its own
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import requests
 
 from sglang_tokendance.server import ServerProcess
 
@@ -88,13 +86,9 @@ def delta(after: dict, before: dict, *keys: str) -> dict[str, int]:
     return {k: after[k] - before[k] for k in keys}
 
 
-def flush(url: str, timeout_s: float = 60.0) -> None:
-    """Empty a shared server's cache (``POST /flush_cache``; SGLang refuses while requests run)
-    so another module's masters cannot serve this test's segments."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        r = requests.post(url + "/flush_cache", timeout=30)
-        if r.status_code == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert r.status_code == 200, f"flush_cache: {r.status_code} {r.text}"
+def flush(url: str) -> None:
+    """Empty a shared server's cache so another module's masters cannot serve this test's
+    segments (the benchmarks' ``flush_cache``: it retries while requests run)."""
+    from benchmarks.common import flush_cache
+
+    flush_cache(url)
