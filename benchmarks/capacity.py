@@ -376,9 +376,48 @@ def markdown(result: dict[str, Any]) -> str:
             res = v.get("resident_capacity")
             res_s = "n/a" if res is None else f"{res}{' (capped)' if v['resident_capped'] else ''}"
             lines.append(f"| {m} | {cap}{' (capped)' if v['capped'] else ''} | {res_s} | {pr} |")
+        lines += _limit_lines(w)
         lines += [f"\n{k} (SLO): {r}x" for k, r in w["ratios"].items()]
         lines += [f"\n{k} (resident): {r}x" for k, r in w.get("resident_ratios", {}).items()]
     return "\n".join(lines)
+
+
+def at_limit(mode_result: dict[str, Any]) -> dict[str, Any] | None:
+    """The probe at a mode's SLO capacity: agents, prefill tokens computed (all its rounds),
+    worst round; and the same for the smallest failing probe above it (None: no SLO limit)."""
+    cap = mode_result.get("capacity")
+    probes = {p["agents"]: p for p in mode_result.get("probes") or []}
+    if cap is None or cap not in probes:
+        return None
+
+    def row(p: dict[str, Any]) -> dict[str, Any]:
+        computed = p["prompt_tokens"] - p["cached_tokens"]
+        return {"agents": p["agents"], "computed_tokens": computed, "worst_ms": p["worst_round_ms"]}
+
+    above = [p for n, p in sorted(probes.items()) if n > cap and not p["served"]]
+    return {"served": row(probes[cap]), "first_fail": row(above[0]) if above else None}
+
+
+def _limit_lines(w: dict[str, Any]) -> list[str]:
+    """What each mode computed at its SLO limit: on a CPU, where the round runs serially, the
+    limits sit where the rounds' work reaches the SLO."""
+    out = []
+    for m, v in w["per_mode"].items():
+        lim = at_limit(v)
+        if lim is None:
+            continue
+        s, f = lim["served"], lim["first_fail"]
+        text = (
+            f"- {m} at its SLO limit, {s['agents']} agents: {s['computed_tokens']:,} prefill "
+            f"tokens computed over the probe, worst round {s['worst_ms']:.0f} ms"
+        )
+        if f is not None:
+            text += (
+                f"; first failing probe {f['agents']} agents: {f['computed_tokens']:,} tokens, "
+                f"{f['worst_ms']:.0f} ms"
+            )
+        out.append(text)
+    return ["", *out] if out else []
 
 
 def _ms(ms: float | None) -> str:

@@ -155,10 +155,24 @@ def test_capacity_quick_searches_under_a_given_slo(
     two = next(p for p in td["probes"] if p["agents"] == 2)
     one = next(p for p in td["probes"] if p["agents"] == 1)
     assert two["kv_tokens_peak"][1] > one["kv_tokens_peak"][1]
+    # the report says what the limit probe computed (capped at 2: no failing probe above it)
+    limit = capacity.at_limit(td)
+    assert limit == {
+        "served": {
+            "agents": 2,
+            "computed_tokens": two["prompt_tokens"] - two["cached_tokens"],
+            "worst_ms": two["worst_round_ms"],
+        },
+        "first_fail": None,
+    }
+    assert limit["served"]["computed_tokens"] > 0
+    md = (tmp_path / "ample" / "capacity.md").read_text()
+    assert "- tokendance at its SLO limit, 2 agents: " in md
     # a 1 ms SLO: N=1 answers in full but misses the SLO (tried twice), so nothing is served;
     # residency has no latency condition, so the same server is still resident at N = 1, 2
     imp = results["impossible"]["workloads"]["society"]
     miss, res2 = imp["per_mode"]["tokendance"]["probes"]
+    assert capacity.at_limit(imp["per_mode"]["tokendance"]) is None  # no limit: nothing served
     assert miss["all_ok"] and not miss["within_slo"] and len(miss["latency_tries_ms"]) == 2
     assert miss["resident"] and res2["agents"] == 2 and res2["resident"]
     assert res2["agents_waited"] == [0, 0] and "latency_tries_ms" not in res2
