@@ -294,7 +294,7 @@ class ServerKey(NamedTuple):
         mirror = flag_value(self.extra, MIRROR_FLAG)
         if mirror == "threshold":
             mirror += f" {flag_value(self.extra, MIRROR_EPS_FLAG) or 'default'}"
-        suffix = f" ({mirror} mirrors)" if mirror not in (None, "keep") else ""
+        suffix = f" ({mirror} mirrors)" if mirror is not None else ""  # None: the default
         return f"{self.mode}{f'[{tag}]' if tag else ''}@{self.ratio:g}{suffix}"
 
 
@@ -304,21 +304,24 @@ MIRROR_EPS_FLAG = "--tokendance-mirror-eps"
 
 
 def mirror_flags(policy: str) -> list[str]:
-    """Server flags of a mirror policy spec: ``keep``, ``drop`` or ``threshold:EPS``
-    (``threshold`` alone: the server's default eps)."""
+    """Server flags of a mirror policy spec: ``default`` (no flag: the server's default
+    policy), ``keep``, ``drop`` or ``threshold:EPS`` (``threshold`` alone: the default eps).
+    Every policy but ``default`` is passed explicitly: the server's default is not keep."""
     name, _, eps = policy.partition(":")
-    if name not in ("keep", "drop", "threshold") or (eps and name != "threshold"):
-        raise ValueError(f"mirror policy must be keep, drop or threshold[:EPS], got {policy!r}")
-    if name == "keep":
+    if name not in ("default", "keep", "drop", "threshold") or (eps and name != "threshold"):
+        raise ValueError(
+            f"mirror policy must be default, keep, drop or threshold[:EPS], got {policy!r}"
+        )
+    if name == "default":
         return []
     return [MIRROR_FLAG, name, *([MIRROR_EPS_FLAG, str(float(eps))] if eps else [])]
 
 
 def mirror_of_label(label: str) -> str:
     """The mirror policy a server label names (``... (threshold 0.05 mirrors)`` ->
-    ``threshold 0.05``; no suffix: keep)."""
+    ``threshold 0.05``, ``... (keep mirrors)`` -> ``keep``; no suffix: the server's default)."""
     head, sep, _ = label.rpartition(" mirrors)")
-    return head.rsplit("(", 1)[1] if sep and "(" in head else "keep"
+    return head.rsplit("(", 1)[1] if sep and "(" in head else "default"
 
 
 def flag_value(argv: Sequence[str], flag: str) -> str | None:

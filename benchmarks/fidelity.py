@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--mirrors",
         nargs="+",
-        default=["keep"],
+        default=["default"],
         type=_mirror_spec,
-        help="--tokendance-mirror policies of the tokendance rows (keep: the recomputed slots "
+        help="--tokendance-mirror policies of the tokendance rows (default: the server's own, "
+        "no flag; keep: the recomputed slots "
         "stay the agent's; drop: freed after prefill, decode reads the master; threshold:EPS: "
         "freed where K/V stayed within EPS of the master's, e.g. threshold:0.05)",
     )
@@ -277,7 +278,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
         for m in args.modes:
             for r in args.ratios:
                 sels = args.selections if m == "tokendance" and 0.0 < r < 1.0 else [None]
-                mirrors = args.mirrors if m == "tokendance" else ["keep"]
+                mirrors = args.mirrors if m == "tokendance" else ["default"]
                 for sel in sels:
                     for mirror in mirrors:
                         flags = [] if sel is None else [sel_flag, sel]
@@ -394,7 +395,7 @@ def sorted_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             x["ratio"] or 0.0,
             sel.get(x.get("selection"), 9),
             x.get("policy") or "",
-            x.get("mirror") or "keep",
+            x.get("mirror") or "default",
         ),
     )
 

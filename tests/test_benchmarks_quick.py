@@ -190,3 +190,19 @@ def test_checkout_ab_refuses_a_base_that_is_not_a_checkout(tmp_path: Path) -> No
     args = checkout_ab.build_parser().parse_args(["--base", str(tmp_path), "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="is not a checkout of this project"):
         checkout_ab.run(args)
+
+
+def test_mirror_specs_pass_every_policy_but_the_default_explicitly() -> None:
+    """The server's default policy is threshold, not keep: a ``keep`` row must ask for keep."""
+    assert common.mirror_flags("default") == []
+    assert common.mirror_flags("keep") == ["--tokendance-mirror", "keep"]
+    assert common.mirror_flags("threshold:0.6") == [
+        "--tokendance-mirror", "threshold", "--tokendance-mirror-eps", "0.6",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="default, keep, drop or threshold"):
+        common.mirror_flags("keep:0.5")
+    pool = common.ServerPool(Path("unused"))
+    specs = [("default", "default"), ("keep", "keep"), ("threshold:0.6", "threshold 0.6")]
+    for spec, name in specs:
+        key = pool.key(Path("m"), "tokendance", 0.15, common.mirror_flags(spec))
+        assert common.mirror_of_label(key.label()) == name
