@@ -125,10 +125,10 @@ def test_extend_rows_match_reference_for_rows_of_different_lengths() -> None:
 
 
 def test_a_decode_row_gets_the_same_bits_alone_or_batched() -> None:
-    """Rows are padded to a bucket of their own length, never to their batch's longest row, so
-    a row alone and the same row batched make the same SDPA problem. On one thread CPU SDPA then
-    gives the same bits; with more, torch's CPU flash kernel splits its work by the batch's
-    shape (torch 2.13, AVX-512: differences of ~1e-7), which is float rounding, not padding."""
+    """A row alone and the same row batched: on one thread CPU SDPA gives the same bits; with
+    more, torch's CPU flash kernel splits its work by the batch's shape (torch 2.13, AVX-512:
+    differences of ~1e-7), which is float rounding. (Masked padding adds exact zeros, so this
+    cannot tell how rows are padded: the next test checks that.)"""
     rope = RopeParams.default(10000.0, D)
     w = World(rope)
     q = torch.randn(4, H, D, generator=torch.Generator().manual_seed(6))
@@ -151,6 +151,22 @@ def test_a_decode_row_gets_the_same_bits_alone_or_batched() -> None:
         torch.set_num_threads(threads)
     for a, b in both():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_decode_pads_each_row_to_its_own_bucket_not_the_batchs_longest() -> None:
+    rope = RopeParams.default(10000.0, D)
+    w = World(rope)
+    wide = 320  # room for a 200-key row beside the 30-40-key ones
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_zeros(x.shape[0], wide - x.shape[1])], 1)
+
+    r2t = pad(w.r2t)
+    r2t[5, :200] = torch.arange(1, 201, dtype=torch.int32)
+    tables = bp.Tables(r2t, pad(w.r2p), w.ll, w.spos)
+    plan = bp.plan_batch(torch.tensor([1, 2, 5]), [40, 30, 200], tables, rope, 64, sort=True)
+    assert plan.width == wide and plan.seq_lens == [30, 40, 200]
+    assert bp.decode_groups(plan, w.k) == [(0, 2, 128), (2, 3, 256)]
 
 
 def test_position_sorted_extend_attends_fewer_keys_and_matches_reference(
