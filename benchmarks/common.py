@@ -543,6 +543,7 @@ class Reply:
     t_first: float | None = None
     t_done: float = 0.0
     first_top_logprobs: list[list[Any]] | None = None
+    step_top_logprobs: list[list[list[Any]]] | None = None  # every output token's top-K
 
     @property
     def ttft_ms(self) -> float | None:
@@ -555,6 +556,7 @@ class Reply:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("first_top_logprobs")
+        d.pop("step_top_logprobs")
         return d
 
 
@@ -573,6 +575,7 @@ def _fill(rep: Reply, obj: dict[str, Any]) -> None:
     top = meta.get("output_top_logprobs")
     if top:
         rep.first_top_logprobs = top[0]
+        rep.step_top_logprobs = top
 
 
 async def post_generate(

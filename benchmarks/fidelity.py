@@ -12,13 +12,19 @@ each from a flushed cache with fresh round ids:
 - pass A (``max_new_tokens=1``, ``return_logprob``, ``top_logprobs_num=K``,
   ``logprob_start_len=-1``): the next-token distribution after the prompt. K defaults to the
   model's vocabulary size, so the distribution is complete and the KL is exact.
-- pass B (``max_new_tokens=--max-new-tokens``, greedy): the generated token ids.
+- pass B (``max_new_tokens=--max-new-tokens``, greedy): the generated token ids and, per
+  output token, its top-``--decode-top-k`` logprobs (default the whole vocabulary).
 
 Metrics vs off, per (mode, ratio):
 - ``top1_agreement``: the first output token equals off's;
 - ``kl_first_token``: KL(P_off || P_mode) of the first output token's distribution (nats);
 - ``exact_match``: all greedy output ids equal off's; ``first_divergence``: the index of the
   first differing output token (over diverged requests); ``matched_prefix_mean``.
+- ``kl_decode``: KL(P_off || P_mode) of the decode steps' distributions, output tokens 2..d+1
+  where d is the common prefix (each compared step follows the same tokens in both, so the
+  two distributions have the same context). The first token is computed by the prefill, before
+  the mirror policy frees anything, so only these steps can show what a mirror policy costs;
+  per request the mean over its compared steps, then the mean (and max) over requests.
 Each metric is given over all requests and over the REUSED ones (requests whose
 ``cached_tokens`` exceed off's for the same prompt: they read master KV; the round's master
 agents run a full prefill and are exact by construction). An ``off (repeat)`` row gives the
@@ -128,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="top_logprobs_num of pass A (0: the vocabulary size, exact KL)",
     )
     ap.add_argument(
+        "--decode-top-k",
+        type=int,
+        default=0,
+        help="top_logprobs_num of pass B's output tokens, for the decode-step KL (0: the "
+        "vocabulary size, exact; -1: not asked, no decode KL)",
+    )
+    ap.add_argument(
         "--server-args",
         default=common.TINY_SERVER_ARGS,
         help="more launch_server flags (default: one attention path for all modes)",
@@ -150,8 +163,9 @@ def apply_quick(args: argparse.Namespace) -> None:
         args.policies = ["author"] if args.policies else []
 
 
-def _passes(url: str, trace: Any, rounds: list[int], k: int, g: int) -> dict[tuple, dict]:
-    """Pass A and B on one server: (round, agent) -> first-token logprobs, ids, cache hits."""
+def _passes(url: str, trace: Any, rounds: list[int], k: int, g: int, kd: int) -> dict[tuple, dict]:
+    """Pass A and B on one server: (round, agent) -> first-token logprobs, ids, every output
+    token's top-``kd`` logprobs (0: none), cache hits."""
     extra = {"return_logprob": True, "top_logprobs_num": k, "logprob_start_len": -1}
     common.flush_cache(url)
     a = common.run_rounds(
@@ -159,7 +173,13 @@ def _passes(url: str, trace: Any, rounds: list[int], k: int, g: int) -> dict[tup
     )
     common.flush_cache(url)
     b = common.run_rounds(
-        url, trace, common.run_prefix("fb"), rounds, max_new_tokens=g, stream=False
+        url,
+        trace,
+        common.run_prefix("fb"),
+        rounds,
+        max_new_tokens=g,
+        extra=fidelity_closed.decode_extra(kd),
+        stream=False,
     )
     return fidelity_closed.collect(a, b)
 
@@ -200,6 +220,30 @@ def kl(p: dict[int, float], q: dict[int, float]) -> tuple[float | None, bool]:
     return max(total, 0.0), exact
 
 
+def decode_kl(
+    ref: list[dict[int, float]], other: list[dict[int, float]], div: int | None
+) -> list[float]:
+    """KL(P_ref || P_other) of each decode step both runs reached with the same context.
+
+    Output step i (0-based) is conditioned on the prompt and output tokens 0..i-1, so it is
+    comparable while those agree: i <= div (the first differing index; None = no difference).
+    Step 0 is the prefill's distribution and is left out (``kl_first_token`` has it)::
+
+        ids ref    a b c d e
+        ids other  a b c x .        div = 3
+        compared     1 2 3          steps 1..3 (step 3 still follows "a b c" in both)
+    """
+    last = min(len(ref), len(other)) - 1
+    if div is not None:
+        last = min(last, div)
+    out = []
+    for i in range(1, last + 1):
+        value, _ = kl(ref[i], other[i])
+        if value is not None:
+            out.append(value)
+    return out
+
+
 def compare(ref: dict[tuple, dict], other: dict[tuple, dict], g: int) -> dict[str, Any]:
     """Agreement metrics of ``other`` against ``ref`` (all requests and reused ones)."""
     rows = []
@@ -214,6 +258,7 @@ def compare(ref: dict[tuple, dict], other: dict[tuple, dict], g: int) -> dict[st
         if div is None and len(r["ids"]) != len(o["ids"]):
             div = min(len(r["ids"]), len(o["ids"]))
         value, exact = kl(r["top"], o["top"])
+        steps = decode_kl(r.get("steps") or [], o.get("steps") or [], div)
         rows.append(
             {
                 "key": key,
@@ -225,6 +270,8 @@ def compare(ref: dict[tuple, dict], other: dict[tuple, dict], g: int) -> dict[st
                 "exact": div is None,
                 "divergence": div,
                 "matched": len(r["ids"]) if div is None else div,
+                "kl_decode": statistics.fmean(steps) if steps else None,
+                "kl_decode_steps": len(steps),
             }
         )
     return {
@@ -240,6 +287,7 @@ def _agg(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"n": 0, "errors": len(rows)}
     kls = [x["kl"] for x in good if x["kl"] is not None]
     divs = [x["divergence"] for x in good if x["divergence"] is not None]
+    dec = [x["kl_decode"] for x in good if x.get("kl_decode") is not None]
     return {
         "n": len(good),
         "errors": len(rows) - len(good),
@@ -252,6 +300,10 @@ def _agg(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "first_divergence_median": statistics.median(divs) if divs else None,
         "first_divergence_min": min(divs) if divs else None,
         "matched_prefix_mean": round(statistics.fmean(x["matched"] for x in good), 3),
+        "kl_decode_mean": round(statistics.fmean(dec), 6) if dec else None,
+        "kl_decode_max": round(max(dec), 6) if dec else None,
+        "kl_decode_n": len(dec),
+        "kl_decode_steps": sum(x.get("kl_decode_steps", 0) for x in good),
     }
 
 
@@ -261,6 +313,8 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
     model = common.model_path(args.model)
     vocab = common.vocab_size(model)
     k = vocab if args.top_k <= 0 else min(args.top_k, vocab)  # K > vocab crashes SGLang 0.5.23
+    kd = 0 if args.decode_top_k < 0 else (vocab if args.decode_top_k == 0 else args.decode_top_k)
+    kd = min(kd, vocab)
     trace = common.load_trace(args.trace)
     rounds = sorted(trace.rounds())[: args.max_rounds]
     extra = shlex.split(args.server_args)
@@ -310,11 +364,11 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             servers.append(srv.describe())
             common.warm_up(srv.url)
             before = common.get_stats(srv.url)
-            results[key.label()] = _passes(srv.url, trace, rounds, k, g)
+            results[key.label()] = _passes(srv.url, trace, rounds, k, g, kd)
             storage[key.label()] = mirror_storage(before, common.get_stats(srv.url))
             bar.update(1)
             if key == ref_key:  # the reference's own noise floor
-                results["off (repeat)"] = _passes(srv.url, trace, rounds, k, g)
+                results["off (repeat)"] = _passes(srv.url, trace, rounds, k, g, kd)
                 bar.update(1)
         bar.close()
         for key in closed if len(rounds) >= 2 else []:
@@ -323,7 +377,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             servers.append(srv.describe())
             common.warm_up(srv.url)
             ref_c, td_c, info = fidelity_closed.closed_steps(
-                srv.url, pool.get(ref_key).url, trace, rounds[: args.closed_rounds + 1], k, g
+                srv.url, pool.get(ref_key).url, trace, rounds[: args.closed_rounds + 1], k, g, kd
             )
             label = f"{key.label()} closed loop"
             closed_rows[label] = (ref_c, td_c)
@@ -364,6 +418,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             "model_path": str(model),
             "vocab_size": vocab,
             "top_logprobs_num": k,
+            "decode_top_logprobs_num": kd,
             "trace": str(args.trace),
             "rounds": rounds,
             "requests": sum(len(trace.rounds()[r]) for r in rounds),
@@ -431,9 +486,10 @@ def _server(label: str) -> str:
 def table_rows(result: dict[str, Any]) -> list[str]:
     """Markdown table of the fidelity rows (all requests; reused ones in parentheses)."""
     lines = [
-        "| server | ratio | top-1 agree | KL first token (mean / max, nats) | exact match | "
+        "| server | ratio | top-1 agree | KL first token (mean / max, nats) | "
+        "KL decode steps (mean / max, nats) | exact match | "
         "first divergence (median) | n (reused) | slots kept | compression |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v: Any, d: int = 3) -> str:
@@ -453,6 +509,7 @@ def table_rows(result: dict[str, Any]) -> list[str]:
             f"| {ratio} | "
             f"{f(a.get('top1_agreement'))} ({f(u.get('top1_agreement'))}) | "
             f"{e(a.get('kl_first_token_mean'))} / {e(a.get('kl_first_token_max'))} | "
+            f"{e(a.get('kl_decode_mean'))} / {e(a.get('kl_decode_max'))} | "
             f"{f(a.get('exact_match'))} ({f(u.get('exact_match'))}) | "
             f"{g(a.get('first_divergence_median'))} | {a.get('n')} ({u.get('n')}) | "
             f"{f((x.get('storage') or {}).get('kept_share'))} | "
@@ -469,7 +526,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"master policies (closed loop): {', '.join(result['policies']) or 'none'}. "
             f"Model {cfg['model']}, trace {Path(cfg['trace']).name} rounds {cfg['rounds']} "
             f"({cfg['requests']} requests), {cfg['max_new_tokens']} greedy tokens, KL over "
-            f"top-{cfg['top_logprobs_num']} of a {cfg['vocab_size']}-token vocabulary. Values over "
+            f"top-{cfg['top_logprobs_num']} of a {cfg['vocab_size']}-token vocabulary (decode "
+            f"steps: top-{cfg.get('decode_top_logprobs_num')}; output tokens 2..d+1, d the "
+            "common prefix with off: the only steps a mirror policy can change). Values over "
             "all requests, (in parentheses) over requests that reused master KV.",
             "",
             *table_rows(result),
@@ -521,7 +580,10 @@ def summary_line(result: dict[str, Any]) -> str:
         if x["ratio"] is None:
             continue
         a = x["all"]
-        parts.append(f"{x['label']} top1 {a.get('top1_agreement')} exact {a.get('exact_match')}")
+        parts.append(
+            f"{x['label']} top1 {a.get('top1_agreement')} exact {a.get('exact_match')} "
+            f"kl_decode {a.get('kl_decode_mean')}"
+        )
     return (
         f"fidelity ({result['config']['model'].split()[0]}): "
         + "; ".join(parts)

@@ -35,6 +35,14 @@ def next_round_trace(trace: Any, rnd: int, generated: dict[str, str]) -> Any:
     return Trace(trace.header, reqs)
 
 
+def decode_extra(k: int) -> dict[str, Any]:
+    """Pass B's request fields: greedy ids plus every output token's top-``k`` logprobs (the
+    decode-time distributions, which read what the mirror policy left; ``k`` 0: ids only)."""
+    if k <= 0:
+        return {}
+    return {"return_logprob": True, "top_logprobs_num": k, "logprob_start_len": -1}
+
+
 def _generate_round(url: str, trace: Any, rnd: int, g: int) -> dict[str, str]:
     res = common.run_rounds(
         url, trace, common.run_prefix("cl"), [rnd], max_new_tokens=g, stream=False
@@ -44,7 +52,8 @@ def _generate_round(url: str, trace: Any, rnd: int, g: int) -> dict[str, str]:
 
 def collect(a: list, b: list) -> dict[tuple, dict]:
     """Pass A and B replies (``run_rounds`` results, same requests) -> per (round, agent):
-    first-token logprobs (A), greedy ids (B), cache hits of both."""
+    first-token logprobs (A), greedy ids and every output token's top logprobs (B, when it
+    asked for them), cache hits of both."""
     out: dict[tuple, dict] = {}
     for (_, reps_a), (_, reps_b) in zip(a, b, strict=True):
         for ra, rb in zip(reps_a, reps_b, strict=True):
@@ -53,6 +62,10 @@ def collect(a: list, b: list) -> dict[tuple, dict]:
                 "top": {int(t[1]): float(t[0]) for t in (ra.first_top_logprobs or [])},
                 "first": ra.output_ids[0] if ra.output_ids else None,
                 "ids": rb.output_ids,
+                "steps": [
+                    {int(t[1]): float(t[0]) for t in (step or [])}
+                    for step in (rb.step_top_logprobs or [])
+                ],
                 "cached_a": ra.cached_tokens,
                 "cached_b": rb.cached_tokens,
                 "prompt_tokens": ra.prompt_tokens,
@@ -61,13 +74,15 @@ def collect(a: list, b: list) -> dict[tuple, dict]:
 
 
 def closed_passes(
-    td_url: str, off_url: str, trace: Any, rnd: int, k: int, g: int
+    td_url: str, off_url: str, trace: Any, rnd: int, k: int, g: int, kd: int | None = None
 ) -> tuple[dict[tuple, dict], dict[tuple, dict], dict[str, Any]]:
     """(reference, tokendance, info) results of round ``rnd + 1`` in closed loop.
 
+    ``k``: top logprobs of pass A; ``kd``: of pass B's output tokens (None: ``k``, 0: none).
     ``info`` has the tokendance server's authored-master counters for the run.
     """
     extra = {"return_logprob": True, "top_logprobs_num": k, "logprob_start_len": -1}
+    extra_b = decode_extra(k if kd is None else kd)
     common.flush_cache(td_url)
     before = common.get_stats(td_url)
     generated = _generate_round(td_url, trace, rnd, g)
@@ -80,7 +95,9 @@ def closed_passes(
     mid = common.get_stats(td_url)
     common.flush_cache(td_url)
     _generate_round(td_url, trace, rnd, g)
-    b = common.run_rounds(td_url, nxt, common.run_prefix("clb"), r2, max_new_tokens=g, stream=False)
+    b = common.run_rounds(
+        td_url, nxt, common.run_prefix("clb"), r2, max_new_tokens=g, extra=extra_b, stream=False
+    )
     common.flush_cache(off_url)
     ra = common.run_rounds(
         off_url,
@@ -94,7 +111,14 @@ def closed_passes(
     )
     common.flush_cache(off_url)
     rb = common.run_rounds(
-        off_url, nxt, common.run_prefix("crb"), r2, hints=False, max_new_tokens=g, stream=False
+        off_url,
+        nxt,
+        common.run_prefix("crb"),
+        r2,
+        hints=False,
+        max_new_tokens=g,
+        extra=extra_b,
+        stream=False,
     )
     segs = sum(len({s.id for s in r.shared_segments()}) for r in nxt.rounds()[rnd + 1][:1])
     info = {
@@ -110,7 +134,7 @@ def closed_passes(
 
 
 def closed_steps(
-    td_url: str, off_url: str, trace: Any, rounds: list[int], k: int, g: int
+    td_url: str, off_url: str, trace: Any, rounds: list[int], k: int, g: int, kd: int | None = None
 ) -> tuple[dict[tuple, dict], dict[tuple, dict], dict[str, Any]]:
     """:func:`closed_passes` for each consecutive pair of ``rounds`` (r -> r + 1), merged.
 
@@ -123,7 +147,7 @@ def closed_steps(
     info: dict[str, Any] = {}
     steps = [r for r in rounds[:-1] if r + 1 in rounds] or rounds[:1]
     for rnd in steps:
-        ref_c, td_c, step = closed_passes(td_url, off_url, trace, rnd, k, g)
+        ref_c, td_c, step = closed_passes(td_url, off_url, trace, rnd, k, g, kd)
         ref.update(ref_c)
         td.update(td_c)
         for key, val in step.items():

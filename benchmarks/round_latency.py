@@ -8,6 +8,8 @@ Cases (each its own trace, model and server flags; every mode of a case uses the
   words, 22 shared words per output), tiny model, a pool large enough for every agent
   (``--max-total-tokens 450000 --max-running-requests 64``).
 - ``society16-small``: the same generator at 16 agents x 3 rounds, the small model.
+- ``society4``: a small swarm (a debate or planning team), 4 agents x 6 rounds, tiny model, the
+  default CPU flags: whether a round that shares little pays for TokenDance's extra work.
 - ``society16-capacity``: the capacity benchmark's society probe at 16 agents (2 rounds, 16
   output tokens, pool 32,768, every mode on the position-aware attention path as there): where
   its rounds spend their time near off's pool limit.
@@ -84,6 +86,7 @@ CASES: dict[str, Case] = {
         "--max-total-tokens 131072 --max-running-requests 32",
         dict(SOCIETY, agents=16, rounds=3),
     ),
+    "society4": Case("tiny", "", dict(SOCIETY, agents=4, rounds=6)),
     "society16-capacity": Case(
         "tiny",
         "--max-total-tokens 32768 --tokendance-uniform-attention",

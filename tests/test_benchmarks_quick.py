@@ -9,6 +9,7 @@ keys and shapes are checked, no timings.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -206,3 +207,27 @@ def test_mirror_specs_pass_every_policy_but_the_default_explicitly() -> None:
     for spec, name in specs:
         key = pool.key(Path("m"), "tokendance", 0.15, common.mirror_flags(spec))
         assert common.mirror_of_label(key.label()) == name
+
+
+def test_decode_kl_compares_only_the_steps_that_follow_the_same_tokens() -> None:
+    """Step 0 (the prefill's) is left out; steps up to the first differing index are compared."""
+    from benchmarks import fidelity
+
+    half = {0: math.log(0.5), 1: math.log(0.5)}
+    skew = {0: math.log(0.9), 1: math.log(0.1)}
+    kl_half_skew = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    ref = [skew, half, half, half, half]
+    other = [half, skew, half, skew, skew]  # step 0 differs too: it must not count
+    assert fidelity.decode_kl(ref, other, None) == pytest.approx(
+        [kl_half_skew, 0.0, kl_half_skew, kl_half_skew]
+    )
+    assert fidelity.decode_kl(ref, other, 2) == pytest.approx([kl_half_skew, 0.0])
+    assert fidelity.decode_kl(ref, other, 0) == []
+    assert fidelity.decode_kl(ref, other[:2], None) == pytest.approx([kl_half_skew])
+
+    r = {"error": None, "top": half, "first": 0, "ids": [0, 1, 1], "cached_a": 0, "steps": ref[:3]}
+    o = dict(r, ids=[0, 1, 0], cached_a=9, steps=other[:3])
+    row = fidelity.compare({(1, "a"): r}, {(1, "a"): o}, 3)["all"]
+    assert (row["exact_match"], row["first_divergence_median"]) == (0.0, 2)
+    assert row["kl_decode_mean"] == pytest.approx(kl_half_skew / 2, abs=1e-6)
+    assert (row["kl_decode_n"], row["kl_decode_steps"]) == (1, 2)
