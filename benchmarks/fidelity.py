@@ -48,8 +48,10 @@ mode off on the same round-2 prompts.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import random
 import shlex
 import statistics
 import sys
@@ -272,6 +274,7 @@ def compare(ref: dict[tuple, dict], other: dict[tuple, dict], g: int) -> dict[st
                 "matched": len(r["ids"]) if div is None else div,
                 "kl_decode": statistics.fmean(steps) if steps else None,
                 "kl_decode_steps": len(steps),
+                "kl_decode_per_step": [round(v, 9) for v in steps],
             }
         )
     return {
@@ -455,6 +458,76 @@ def sorted_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     )
 
 
+def _group(x: dict[str, Any]) -> tuple:
+    """Rows compared with each other: same loop, mode, ratio, selection and master policy."""
+    return (bool(x.get("closed_loop")), x["mode"], x["ratio"], x.get("selection"), x.get("policy"))
+
+
+def paired_vs_keep(
+    row: dict[str, Any], keep: dict[str, Any], seed: int = 0, resamples: int = 2000
+) -> dict[str, Any] | None:
+    """A mirror policy's row against the keep row of its group, request by request.
+
+    ``kl_decode_ratio``: sum of the row's per-request decode KL over keep's, on the requests
+    where both have one, with a seeded bootstrap 95% interval over requests; ``higher_share``:
+    requests where the row's is higher; ``lost`` / ``gained``: exact greedy answers keep had and
+    the row lost, and the reverse. Only meaningful where both saw the same prompts (open loop).
+    """
+    ref = {tuple(q["key"]): q for q in keep["requests"] if q.get("error") is None}
+    pairs, lost, gained = [], 0, 0
+    for q in row["requests"]:
+        k = ref.get(tuple(q["key"]))
+        if k is None or q.get("error") is not None:
+            continue
+        lost += bool(k["exact"] and not q["exact"])
+        gained += bool(q["exact"] and not k["exact"])
+        if q.get("kl_decode") is not None and k.get("kl_decode") is not None:
+            pairs.append((q["kl_decode"], k["kl_decode"]))
+    if not pairs or sum(b for _, b in pairs) <= 0:
+        return None
+    rng = random.Random(seed)
+    n = len(pairs)
+
+    def ratio(idx: list[int]) -> float:
+        den = sum(pairs[i][1] for i in idx)
+        return sum(pairs[i][0] for i in idx) / den if den > 0 else math.inf
+
+    boot = sorted(ratio([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
+    return {
+        "n": n,
+        "kl_decode_ratio": round(ratio(list(range(n))), 4),
+        "kl_decode_ratio_ci95": [
+            round(boot[int(0.025 * resamples)], 4),
+            round(boot[int(0.975 * resamples) - 1], 4),
+        ],  # fmt: skip
+        "higher_share": round(sum(a > b for a, b in pairs) / n, 3),
+        "lost": lost,
+        "gained": gained,
+    }
+
+
+def paired_lines(result: dict[str, Any]) -> list[str]:
+    """Markdown lines: every non-keep mirror row against its group's keep row."""
+    keeps = {_group(x): x for x in result["rows"] if x.get("mirror") == "keep"}
+    out = []
+    for x in sorted_rows(result):
+        keep = keeps.get(_group(x))
+        if keep is None or x is keep or x.get("mirror") in (None, "keep"):
+            continue
+        p = paired_vs_keep(x, keep)
+        if p is None:
+            continue
+        lo, hi = p["kl_decode_ratio_ci95"]
+        note = " (each row quotes its own outputs)" if x.get("closed_loop") else ""
+        out.append(
+            f"- {_server(x['label'])}{note} vs keep, per request (n {p['n']}): decode KL "
+            f"x{p['kl_decode_ratio']:.3f} [{lo:.3f}-{hi:.3f}] (bootstrap 95%), higher for "
+            f"{p['higher_share']:.0%} of requests; exact answers lost {p['lost']}, gained "
+            f"{p['gained']}"
+        )
+    return out
+
+
 def closed_loop_lines(result: dict[str, Any]) -> list[str]:
     """What the closed-loop rows reused (authored masters vs fresh ones in round 2)."""
     out = []
@@ -535,6 +608,8 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             *closed_loop_lines(result),
             "",
+            *paired_lines(result),
+            "",
             f"Sanity (ratio 1.0 exact match == 1.0): {result['sanity_ok']}",
         ]
     )
@@ -600,6 +675,12 @@ def exit_code(result: dict[str, Any]) -> int:
 
 
 def main(argv: list[str] | None = None, pool: common.ServerPool | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--render"]:  # --render RESULT.json OUT: the markdown and plot again
+        if len(args) != 3:
+            raise SystemExit("usage: fidelity.py --render RESULT.json OUT_DIR")
+        write_outputs(json.loads(Path(args[1]).read_text()), Path(args[2]))
+        return 0
     return common.bench_main(sys.modules[__name__], argv, pool)
 
 

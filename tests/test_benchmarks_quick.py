@@ -231,3 +231,21 @@ def test_decode_kl_compares_only_the_steps_that_follow_the_same_tokens() -> None
     assert (row["exact_match"], row["first_divergence_median"]) == (0.0, 2)
     assert row["kl_decode_mean"] == pytest.approx(kl_half_skew / 2, abs=1e-6)
     assert (row["kl_decode_n"], row["kl_decode_steps"]) == (1, 2)
+
+
+def test_paired_vs_keep_counts_lost_and_gained_answers_and_the_decode_kl_ratio() -> None:
+    from benchmarks import fidelity
+
+    def req(key: str, exact: bool, kl: float | None) -> dict:
+        return {"key": [1, key], "error": None, "exact": exact, "kl_decode": kl}
+
+    keep = {"requests": [req("a", True, 1.0), req("b", False, 2.0), req("c", True, 1.0)]}
+    row = {"requests": [req("a", False, 2.0), req("b", True, 2.0), req("c", True, None)]}
+    p = fidelity.paired_vs_keep(row, keep)
+    assert p is not None
+    assert (p["n"], p["lost"], p["gained"]) == (2, 1, 1)
+    assert p["kl_decode_ratio"] == pytest.approx(4.0 / 3.0, abs=1e-4)
+    assert p["higher_share"] == 0.5
+    lo, hi = p["kl_decode_ratio_ci95"]
+    assert 1.0 <= lo <= p["kl_decode_ratio"] <= hi <= 2.0
+    assert fidelity.paired_vs_keep(row, {"requests": []}) is None
