@@ -249,3 +249,37 @@ def test_paired_vs_keep_counts_lost_and_gained_answers_and_the_decode_kl_ratio()
     lo, hi = p["kl_decode_ratio_ci95"]
     assert 1.0 <= lo <= p["kl_decode_ratio"] <= hi <= 2.0
     assert fidelity.paired_vs_keep(row, {"requests": []}) is None
+
+
+def test_each_decode_steps_distribution_is_the_one_its_greedy_token_came_from(
+    request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """decode_kl compares step i's distributions as the ones output token i was drawn from:
+    on the real server, pass B's per-step top-K has one full distribution per output token,
+    and the greedy token is its argmax."""
+    from benchmarks import fidelity_closed
+
+    url = shared_server(request, tiny_llama, tmp_path_factory)
+    vocab = common.vocab_size(tiny_llama)
+    trace = common.make_trace(
+        "generative_agents", agents=2, rounds=1, seed=7, private_words=30, shared_words=10,
+        max_tokens=4,
+    )  # fmt: skip
+    res = common.run_rounds(
+        url,
+        trace,
+        common.run_prefix("kd"),
+        max_new_tokens=4,
+        extra=fidelity_closed.decode_extra(vocab),
+        stream=False,
+    )
+    a, b = res[0][1]
+    got = fidelity_closed.collect(res, res)
+    for rep in (a, b):
+        assert rep.ok, rep.error
+        steps = got[(rep.round, rep.agent)]["steps"]
+        assert len(steps) == len(rep.output_ids) >= 1
+        for tok, dist in zip(rep.output_ids, steps, strict=True):
+            assert len(dist) == vocab
+            assert sum(math.exp(v) for v in dist.values()) == pytest.approx(1.0, abs=1e-3)
+            assert tok == max(dist, key=dist.__getitem__)
