@@ -70,7 +70,7 @@ def test_two_simulations_spread_over_both_ranks_and_reuse_across_rounds(dp_serve
     before = stats(dp_server)
     groups = groups_on_each_rank("sim")
     for seed, group in enumerate(groups, start=20):
-        simulate(dp_server, group, rounds=3, agents=3, seed=seed)
+        simulate(dp_server, group, rounds=3, agents=4, seed=seed)
     s = stats(dp_server)
     assert s["total"]["rounds_timed_out"] == before["total"]["rounds_timed_out"] == 0
     for rank, group in enumerate(groups):
@@ -78,7 +78,10 @@ def test_two_simulations_spread_over_both_ranks_and_reuse_across_rounds(dp_serve
         assert d["rounds"] - old["rounds"] == 3, (rank, group)
         rounds = [r["round"] for r in d["per_round"] if r["round"].startswith(group + "/")]
         assert rounds == [f"{group}/r1", f"{group}/r2", f"{group}/r3"]
-        # round-spanning reuse: rounds 2 and 3 read their authors' output KV on this rank
+        # round-spanning reuse: rounds 2 and 3 read their authors' output KV on this rank. Of
+        # the 8 outputs quoted, the tiny model's random ones re-tokenize to their generated ids
+        # only some of the time (5-6 here; with 3 agents 2-3 of 6 here and 1 once in CI, so the
+        # round has 4 agents now)
         assert d["author_masters_used"] - old["author_masters_used"] >= 2
     assert s["total"]["rounds"] == sum(d["rounds"] for d in s["dp"])
     assert s["integrity"] == "ok"
