@@ -92,6 +92,19 @@ def test_authored_index_trims_retokenized_ends_and_skips_evicted() -> None:
     assert index.find(segment) is None and len(index) == 0
 
 
+def test_authored_index_reuses_the_longest_run_around_a_token_reencoded_mid_span() -> None:
+    """A byte-level token that is not UTF-8 alone decodes to U+FFFD and re-encodes as three
+    other tokens: the output's longer side of it is still found (the shorter side goes fresh)."""
+    index = AuthoredIndex()
+    out = (534, 838, 918, 1336, 154, 612, 830, 324, 977, 300)  # 154: a lone byte
+    index.add(_node(out))
+    segment = [7, 8, 534, 838, 918, 1336, 176, 128, 126, 612, 830, 324, 977, 300, 10]
+    hit = index.find(segment)
+    assert hit is not None and (hit.node_offset, hit.seg_offset, hit.length) == (5, 9, 5)
+    # the run must still be at least half of the output: 4 of 10 is not
+    assert index.find([7, 534, 838, 918, 1336, 176, 128, 126, 10]) is None
+
+
 def test_authored_index_needs_most_of_the_output() -> None:
     index = AuthoredIndex()
     index.add(_node(tuple(range(600, 620))))

@@ -67,7 +67,9 @@ class AuthoredIndex:
         """The longest authored sub-span of ``token_ids`` (newest node first), or None.
 
         A node matches when its ids, less at most :data:`MAX_TRIM` at each end and keeping at
-        least half of them (and :data:`MIN_LENGTH`), occur contiguously in ``token_ids``.
+        least half of them (and :data:`MIN_LENGTH`), occur contiguously in ``token_ids``; failing
+        that, when the longest run of its ids that all occur in ``token_ids`` does (same rule):
+        one output token re-encoded differently mid-span then costs only the shorter side.
         """
         if len(token_ids) < MIN_LENGTH:
             return None
@@ -79,16 +81,54 @@ class AuthoredIndex:
             ((a, b) for a in range(MAX_TRIM + 1) for b in range(MAX_TRIM + 1)),
             key=lambda t: t[0] + t[1],
         )
+        seg = np.asarray(token_ids, dtype=np.int32)
         for node in reversed(live):
             ids = np.asarray(node.token_ids, dtype=np.int32)
-            for a, b in trims:
-                length = len(ids) - a - b
-                if length < max(MIN_LENGTH, (len(ids) + 1) // 2) or length > len(token_ids):
-                    continue
-                at = _find_aligned(hay, ids[a : len(ids) - b].tobytes())
-                if at >= 0:
-                    return AuthoredHit(node, a, at, length)
+            need = max(MIN_LENGTH, (len(ids) + 1) // 2)
+            hit = _find_trimmed(hay, ids, 0, len(ids), need, len(token_ids), trims)
+            if hit is None:
+                # a token the segment lacks broke the output (a byte-level token that is not
+                # UTF-8 alone re-encodes as others, mid-span): try its longest surviving run
+                start, stop = _longest_run(np.isin(ids, seg))
+                if 0 < stop - start < len(ids) and stop - start >= need:
+                    hit = _find_trimmed(hay, ids, start, stop, need, len(token_ids), trims)
+            if hit is not None:
+                return AuthoredHit(node, *hit)
         return None
+
+
+def _find_trimmed(
+    hay: bytes,
+    ids: np.ndarray,
+    start: int,
+    stop: int,
+    need: int,
+    limit: int,
+    trims: list[tuple[int, int]],
+) -> tuple[int, int, int] | None:
+    """(node offset, segment offset, length) of ``ids[start:stop]`` less at most
+    :data:`MAX_TRIM` at each end, in ``hay``; at least ``need`` tokens, at most ``limit``."""
+    for a, b in trims:
+        length = stop - start - a - b
+        if length < need or length > limit:
+            continue
+        at = _find_aligned(hay, ids[start + a : stop - b].tobytes())
+        if at >= 0:
+            return start + a, at, length
+    return None
+
+
+def _longest_run(mask: np.ndarray) -> tuple[int, int]:
+    """``[start, stop)`` of the longest run of True in ``mask`` (the first one on ties)::
+
+    mask  F T T F T T T F      -> (4, 7)
+    """
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if not len(starts):
+        return 0, 0
+    i = int(np.argmax(stops - starts))
+    return int(starts[i]), int(stops[i])
 
 
 def publish_output(cache: Any, req: Any, up_to: int, agent: str) -> AllGatherNode | None:
