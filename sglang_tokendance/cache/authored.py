@@ -81,19 +81,29 @@ class AuthoredIndex:
             ((a, b) for a in range(MAX_TRIM + 1) for b in range(MAX_TRIM + 1)),
             key=lambda t: t[0] + t[1],
         )
-        seg = np.asarray(token_ids, dtype=np.int32)
         for node in reversed(live):
             ids = np.asarray(node.token_ids, dtype=np.int32)
             need = max(MIN_LENGTH, (len(ids) + 1) // 2)
             hit = _find_trimmed(hay, ids, 0, len(ids), need, len(token_ids), trims)
-            if hit is None:
-                # a token the segment lacks broke the output (a byte-level token that is not
-                # UTF-8 alone re-encodes as others, mid-span): try its longest surviving run
-                start, stop = _longest_run(np.isin(ids, seg))
-                if 0 < stop - start < len(ids) and stop - start >= need:
-                    hit = _find_trimmed(hay, ids, start, stop, need, len(token_ids), trims)
             if hit is not None:
                 return AuthoredHit(node, *hit)
+        # None found whole: a token the segment lacks may have broken an output mid-span (a
+        # byte-level token that is not UTF-8 alone re-encodes as others); try each output's
+        # longest run of ids the segment has. A run of at least half the output holds one of
+        # its middle ids, so a set lookup skips the outputs that cannot match.
+        seg = np.asarray(token_ids, dtype=np.int32)
+        present = set(token_ids)
+        for node in reversed(live):
+            toks = node.token_ids
+            if toks[len(toks) // 2] not in present and toks[(len(toks) - 1) // 2] not in present:
+                continue
+            ids = np.asarray(toks, dtype=np.int32)
+            need = max(MIN_LENGTH, (len(ids) + 1) // 2)
+            start, stop = _longest_run(np.isin(ids, seg))
+            if need <= stop - start < len(ids):
+                hit = _find_trimmed(hay, ids, start, stop, need, len(token_ids), trims)
+                if hit is not None:
+                    return AuthoredHit(node, *hit)
         return None
 
 
