@@ -91,15 +91,17 @@ class AuthoredIndex:
         # byte-level token that is not UTF-8 alone re-encodes as others); try each output's
         # longest run of ids the segment has. A run of at least half the output holds one of
         # its middle ids, so a set lookup skips the outputs that cannot match.
-        seg = np.asarray(token_ids, dtype=np.int32)
         present = set(token_ids)
         for node in reversed(live):
             toks = node.token_ids
             if toks[len(toks) // 2] not in present and toks[(len(toks) - 1) // 2] not in present:
                 continue
+            need = max(MIN_LENGTH, (len(toks) + 1) // 2)
+            mask = [t in present for t in toks]
+            if sum(mask) < need:
+                continue
             ids = np.asarray(toks, dtype=np.int32)
-            need = max(MIN_LENGTH, (len(ids) + 1) // 2)
-            start, stop = _longest_run(np.isin(ids, seg))
+            start, stop = _longest_run(np.asarray(mask))
             if need <= stop - start < len(ids):
                 hit = _find_trimmed(hay, ids, start, stop, need, len(token_ids), trims)
                 if hit is not None:
