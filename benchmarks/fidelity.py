@@ -168,7 +168,7 @@ def apply_quick(args: argparse.Namespace) -> None:
 def _passes(url: str, trace: Any, rounds: list[int], k: int, g: int, kd: int) -> dict[tuple, dict]:
     """Pass A and B on one server: (round, agent) -> first-token logprobs, ids, every output
     token's top-``kd`` logprobs (0: none), cache hits."""
-    extra = {"return_logprob": True, "top_logprobs_num": k, "logprob_start_len": -1}
+    extra = fidelity_closed.logprob_fields(k)
     common.flush_cache(url)
     a = common.run_rounds(
         url, trace, common.run_prefix("fa"), rounds, max_new_tokens=1, extra=extra, stream=False
@@ -180,7 +180,7 @@ def _passes(url: str, trace: Any, rounds: list[int], k: int, g: int, kd: int) ->
         common.run_prefix("fb"),
         rounds,
         max_new_tokens=g,
-        extra=fidelity_closed.decode_extra(kd),
+        extra=fidelity_closed.logprob_fields(kd),
         stream=False,
     )
     return fidelity_closed.collect(a, b)

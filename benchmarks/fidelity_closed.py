@@ -35,9 +35,10 @@ def next_round_trace(trace: Any, rnd: int, generated: dict[str, str]) -> Any:
     return Trace(trace.header, reqs)
 
 
-def decode_extra(k: int) -> dict[str, Any]:
-    """Pass B's request fields: greedy ids plus every output token's top-``k`` logprobs (the
-    decode-time distributions, which read what the mirror policy left; ``k`` 0: ids only)."""
+def logprob_fields(k: int) -> dict[str, Any]:
+    """Request fields for every output token's top-``k`` logprobs (no prompt logprobs; ``k``
+    0: none). Pass A reads the first token's; pass B the decode steps', which read what the
+    mirror policy left."""
     if k <= 0:
         return {}
     return {"return_logprob": True, "top_logprobs_num": k, "logprob_start_len": -1}
@@ -81,8 +82,8 @@ def closed_passes(
     ``k``: top logprobs of pass A; ``kd``: of pass B's output tokens (None: ``k``, 0: none).
     ``info`` has the tokendance server's authored-master counters for the run.
     """
-    extra = {"return_logprob": True, "top_logprobs_num": k, "logprob_start_len": -1}
-    extra_b = decode_extra(k if kd is None else kd)
+    extra = logprob_fields(k)
+    extra_b = logprob_fields(k if kd is None else kd)
     common.flush_cache(td_url)
     before = common.get_stats(td_url)
     generated = _generate_round(td_url, trace, rnd, g)

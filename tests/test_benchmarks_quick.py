@@ -270,7 +270,7 @@ def test_each_decode_steps_distribution_is_the_one_its_greedy_token_came_from(
         trace,
         common.run_prefix("kd"),
         max_new_tokens=4,
-        extra=fidelity_closed.decode_extra(vocab),
+        extra=fidelity_closed.logprob_fields(vocab),
         stream=False,
     )
     a, b = res[0][1]
