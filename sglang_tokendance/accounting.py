@@ -33,6 +33,7 @@ class Counters:
     recompute_tokens: int = 0
     masters_created: int = 0
     author_masters_used: int = 0  # (round, segment) pairs served by an authored master
+    early_master_agents: int = 0  # master agents started at arrival, before their round was whole
     rounds_timed_out: int = 0  # rounds released by the timeout with agents missing
     late_arrivals: int = 0  # requests that came after their round was released
     retries: int = 0  # an agent's second request of a round, sent after its first finished

@@ -2,6 +2,10 @@
 
 Round lifecycle (tokendance mode)::
 
+    an agent of round r arrives (the round not yet whole; --tokendance-master-start arrival)
+      -> start_early: if it holds shared segments that have no master, no authored master and
+         no master agent yet, it becomes their master agent now and runs at once (phase A
+         overlaps the rest of the round's arrival); otherwise it is held
     barrier releases round r
       -> start_round: every shared segment looked up by content (hash, verified)
            found  -> its master is reused
@@ -59,6 +63,8 @@ class RoundState:
     masters_pending: set[str] = field(default_factory=set)  # rids of master agents
     waiting: list[Any] = field(default_factory=list)  # reqs waiting for masters
     started: float = field(default_factory=time.monotonic)
+    released: bool = False  # the barrier released the round (start_round ran)
+    claimed: dict[str, str] = field(default_factory=dict)  # seg_id -> its early master's rid
 
 
 class Collector:
@@ -125,8 +131,42 @@ class Collector:
             return None
         return RequestState(hint.agent, hint.round, hint.round_size, role="alone")
 
+    def start_early(self, req: Any) -> bool:
+        """An agent arriving before its round is whole: make it a master agent now if it holds
+        shared segments nobody provides yet (no master, no authored master, no earlier
+        arrival computing them). True: queue it at once (the barrier only counts it);
+        False: hold it. The choice is the one :meth:`start_round` would make (the first
+        agent holding a missing segment computes it), made at arrival, so the master
+        agent's full prefill overlaps the arrival of the rest of the round."""
+        if self.cfg.master_start != "arrival":
+            return False
+        lay = layout_of(req)
+        state = self.rounds.get(lay.round_id)
+        if state is not None and state.released:
+            return False
+        computes = []
+        for use in lay.shared:
+            if state is not None and use.seg_id in state.claimed:
+                continue
+            toks = tuple(lay.true_ids[use.start : use.end])
+            if self.cache.lookup_segment(toks) is not None:
+                continue
+            if self.cfg.master_policy == "author" and self.cache.find_authored(toks) is not None:
+                continue  # start_round narrows the use to it
+            computes.append(use)
+        if not computes:
+            return False
+        if state is None:
+            state = self.rounds[lay.round_id] = RoundState(lay.round_id, {})
+        self._make_master_agent(req, computes, lay.prefix_len)
+        state.masters_pending.add(req.rid)
+        state.claimed.update((u.seg_id, req.rid) for u in computes)
+        self.counters.early_master_agents += 1
+        return True
+
     def start_round(self, round_id: str, reqs: list[Any], waited_s: float) -> list[Any]:
-        """Plan a released round; returns the requests to queue now (the rest wait)."""
+        """Plan a released round (``reqs``: its held requests; early master agents run
+        already); returns the requests to queue now (the rest wait)."""
         t0 = time.perf_counter()
         self.counters.rounds += 1
         self.counters.barrier_wait_s += waited_s
@@ -135,8 +175,14 @@ class Collector:
         for _, lay in layouts:
             for use in lay.shared:
                 seg_tokens.setdefault(use.seg_id, tuple(lay.true_ids[use.start : use.end]))
-        state = RoundState(round_id, seg_tokens)
-        missing = {s for s, t in seg_tokens.items() if self.cache.lookup_segment(t) is None}
+        state = self.rounds.pop(round_id, None) or RoundState(round_id, {})
+        state.seg_tokens, state.released = seg_tokens, True
+        # segments an early master agent computes (or computed) are not missing
+        missing = {
+            s
+            for s, t in seg_tokens.items()
+            if s not in state.claimed and self.cache.lookup_segment(t) is None
+        }
         for seg_id in sorted(missing):
             hit = self._authored(seg_tokens[seg_id], (round_id, seg_id))
             if hit is not None:
@@ -284,19 +330,27 @@ class Collector:
         for state in list(self.rounds.values()):
             if req.rid in state.masters_pending:
                 state.masters_pending.discard(req.rid)
-                if not state.masters_pending:
+                if not state.masters_pending and state.released:
                     return self._release_waiting(state)
         return []
 
     def on_abort(self, rid_prefix: str, abort_all: bool) -> list[Any]:
-        """An aborted master agent must not block its round: release the waiting agents."""
+        """An aborted master agent must not block its round: release the waiting agents.
+        Before its round is released, an aborted early master agent gives its segments
+        back (a later arrival or the release computes them)."""
         freed: list[Any] = []
         for state in list(self.rounds.values()):
             gone = {r for r in state.masters_pending if abort_all or r.startswith(rid_prefix)}
-            if gone:
-                state.masters_pending -= gone
-                if not state.masters_pending:
-                    freed += self._release_waiting(state)
+            if not gone:
+                continue
+            state.masters_pending -= gone
+            state.claimed = {s: r for s, r in state.claimed.items() if r not in gone}
+            if state.masters_pending:
+                continue
+            if state.released:
+                freed += self._release_waiting(state)
+            else:  # nothing runs for it and nothing waits (waiting is set at release)
+                self.rounds.pop(state.round_id, None)
         return freed
 
     def _promote(

@@ -20,6 +20,7 @@ MIRROR_POLICIES: tuple[str, ...] = ("keep", "threshold", "drop")
 DEFAULT_MIRROR_EPS = 0.5
 ATTENTION_PATHS: tuple[str, ...] = ("auto", "triton", "torch")  # see attention/dispatch.py
 DECODE_PATHS: tuple[str, ...] = ("shared", "rows")  # torch decode: attention/shared_decode.py
+MASTER_STARTS: tuple[str, ...] = ("arrival", "release")  # when a master agent's prefill starts
 DEFAULT_SEPARATOR = "<|td|>"
 
 
@@ -44,6 +45,7 @@ class TokenDanceConfig:
     attention: str = "auto"
     mirror_eps: float = DEFAULT_MIRROR_EPS
     decode: str = "shared"
+    master_start: str = "arrival"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -76,6 +78,11 @@ class TokenDanceConfig:
         if self.decode not in DECODE_PATHS:
             raise ValueError(
                 f"--tokendance-decode must be one of {DECODE_PATHS}, got {self.decode!r}"
+            )
+        if self.master_start not in MASTER_STARTS:
+            raise ValueError(
+                f"--tokendance-master-start must be one of {MASTER_STARTS}, "
+                f"got {self.master_start!r}"
             )
         if not self.mirror_eps >= 0.0:  # also refuses NaN
             raise ValueError(f"--tokendance-mirror-eps must be >= 0, got {self.mirror_eps}")
@@ -233,6 +240,16 @@ def _add_attention(g: Any) -> None:
         "rows when a batch shares too little. Default %(default)s.",
     )
     g.add_argument(
+        "--tokendance-master-start",
+        choices=MASTER_STARTS,
+        default=TokenDanceConfig().master_start,
+        help="When a master agent (a request holding shared segments that have no master yet) "
+        "starts its full prefill: arrival = as soon as it arrives, while the rest of its round "
+        "is still arriving; release = when the barrier releases the whole round (the master "
+        "agents of a round then run as one batch). The other agents always wait for the "
+        "round. Default %(default)s.",
+    )
+    g.add_argument(
         "--tokendance-uniform-attention",
         action="store_true",
         help="Run every batch (hinted or not) through the position-aware path, so a benchmark "
@@ -257,6 +274,7 @@ def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
         attention=getattr(ns, "tokendance_attention", "auto"),
         mirror_eps=float(getattr(ns, "tokendance_mirror_eps", DEFAULT_MIRROR_EPS)),
         decode=getattr(ns, "tokendance_decode", TokenDanceConfig.decode),
+        master_start=getattr(ns, "tokendance_master_start", TokenDanceConfig.master_start),
     )
 
 

@@ -7,6 +7,11 @@ agents present). Requests that arrive for a round already released ("late arriva
 released at once, never held again. An aborted request leaves its round, and the round's
 expected size shrinks by one, so one missing agent never blocks the others.
 
+A member may also be *started* (:meth:`RoundBarrier.start`): it counts toward its round being
+whole but is no longer held, because the collector already queued it (an early master agent,
+whose full prefill need not wait for the rest of the round). A release lists only the requests
+still held.
+
 Under tensor parallelism every TP rank runs its own barrier over the same requests in the same
 order, but their clocks differ: the caller then asks one rank for :meth:`RoundBarrier.expired`
 and passes that list to every rank's :meth:`RoundBarrier.poll`, so the timeout is decided once.
@@ -33,11 +38,17 @@ class PendingRound(Generic[T]):
     size: int
     first_arrival: float
     members: dict[str, T] = field(default_factory=dict)  # agent -> request
+    started: set[str] = field(default_factory=set)  # members already queued (not held)
     aborted: int = 0
+
+    def held(self) -> list[T]:
+        """The members still held, in arrival order."""
+        return [r for a, r in self.members.items() if a not in self.started]
 
 
 class Release(NamedTuple, Generic[T]):
-    """One released round: its id, its requests (arrival order), and why it was released."""
+    """One released round: its id, its held requests (arrival order; started members are not
+    listed, so a round whose every member started releases with none), and why."""
 
     round_id: str
     requests: list[T]
@@ -62,8 +73,11 @@ class RoundBarrier(Generic[T]):
         self._released: OrderedDict[str, None] = OrderedDict()
         self._late: list[T] = []
 
-    def add(self, round_id: str, size: int, agent: str, req: T) -> None:
+    def add(self, round_id: str, size: int, agent: str, req: T) -> bool:
         """Hold ``req`` for its round (or queue it for immediate release if the round ran).
+
+        Returns:
+            True if ``req`` is held for a pending round, False if it is a late arrival.
 
         Raises:
             ValueError: if the round's size differs from earlier requests', or ``agent`` is
@@ -71,26 +85,41 @@ class RoundBarrier(Generic[T]):
         """
         if round_id in self._released:
             self._late.append(req)
-            return
+            return False
         rnd = self._pending.get(round_id)
         if rnd is None:
             rnd = PendingRound(round_id, size, self.clock())
             self._pending[round_id] = rnd
         if size != rnd.size:
             raise ValueError(f"round {round_id!r} has round_size {rnd.size}, request says {size}")
+        if agent in rnd.started:  # a retry of a started member (the caller saw it finish)
+            self._late.append(req)
+            return False
         if agent in rnd.members:
             raise ValueError(f"agent {agent!r} already has a request waiting in round {round_id!r}")
         rnd.members[agent] = req
+        return True
+
+    def start(self, round_id: str, agent: str) -> None:
+        """Mark ``agent``'s held request of a pending round as queued by the caller: it still
+        counts toward the round being whole, but no release lists it."""
+        rnd = self._pending[round_id]
+        assert agent in rnd.members, f"agent {agent!r} is not waiting in round {round_id!r}"
+        rnd.started.add(agent)
 
     def remove(self, pred: Callable[[T], bool]) -> list[T]:
-        """Drop held requests matching ``pred`` (aborts); their rounds expect one fewer agent."""
+        """Drop members matching ``pred`` (aborts); their rounds expect one fewer agent.
+        Returns the dropped requests that were held (started ones are SGLang's to abort)."""
         dropped: list[T] = []
         for rnd in self._pending.values():
             for agent, req in list(rnd.members.items()):
                 if pred(req):
                     del rnd.members[agent]
                     rnd.aborted += 1
-                    dropped.append(req)
+                    if agent in rnd.started:
+                        rnd.started.discard(agent)
+                    else:
+                        dropped.append(req)
         kept = [r for r in self._late if not pred(r)]
         dropped += [r for r in self._late if pred(r)]
         self._late = kept
@@ -129,7 +158,7 @@ class RoundBarrier(Generic[T]):
             while len(self._released) > MAX_RELEASED_MEMORY:
                 self._released.popitem(last=False)
             if rnd.members:
-                out.append(Release(round_id, list(rnd.members.values()), reason, waited))
+                out.append(Release(round_id, rnd.held(), reason, waited))
         return out
 
     def pending(self) -> int:
@@ -138,7 +167,9 @@ class RoundBarrier(Generic[T]):
 
     def held(self) -> int:
         """Number of requests currently held."""
-        return sum(len(r.members) for r in self._pending.values()) + len(self._late)
+        return sum(len(r.members) - len(r.started) for r in self._pending.values()) + len(
+            self._late
+        )
 
     def next_deadline(self) -> float | None:
         """When the oldest pending round times out (clock units), or None."""

@@ -2,7 +2,9 @@
 
 - ``_add_request_to_queue`` (around): a hinted request gets its :class:`RequestState` (built
   once from the hint) and goes to the round barrier instead of the waiting queue (tokendance
-  mode); in pic mode it is planned alone and queued at once. Requests without hints, and
+  mode), unless the collector makes it an early master agent (it holds segments nobody
+  provides yet): then the barrier only counts it and it is queued at once. In pic mode it is
+  planned alone and queued at once. Requests without hints, and
   everything with TokenDance off, take SGLang's path unchanged.
 - ``get_next_batch_to_run`` (before): released rounds are planned by the collector and their
   requests queued (through SGLang's own ``_add_request_to_queue``, not the hooked one); agents
@@ -98,11 +100,15 @@ class TokenDanceScheduler:
             self._queue([req])
             return True
         try:
-            self.barrier.add(st.round_id, st.round_size, st.agent, req)
+            held = self.barrier.add(st.round_id, st.round_size, st.agent, req)
         except ValueError as e:  # the entry checks sizes first; never crash the loop
             st.layout, st.role = None, "alone"
             req.set_finish_with_abort(f"invalid TokenDance hint: {e}")
             return False
+        if held and self.collector.start_early(req):
+            # a master agent runs its full prefill now, while the rest of its round arrives
+            self.barrier.start(st.round_id, st.agent)
+            self._queue([req])
         return True
 
     def _duplicate(self, round_id: str, agent: str, req: Any) -> str | None:

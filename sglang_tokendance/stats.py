@@ -65,6 +65,7 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         recompute_tokens=c.recompute_tokens,
         masters_created=c.masters_created,
         author_masters_used=c.author_masters_used,
+        early_master_agents=c.early_master_agents,
         rounds_timed_out=c.rounds_timed_out,
         late_arrivals=c.late_arrivals,
         retries=c.retries,
@@ -100,9 +101,9 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
 
 SUMMED = (
     "rounds", "requests", "prompt_tokens", "prefill_tokens_computed", "reused_master_tokens",
-    "recompute_tokens", "masters_created", "author_masters_used", "rounds_timed_out",
-    "late_arrivals", "retries", "master_tokens", "mirror_tokens", "held_requests",
-    "kv_tokens_peak", "kv_bytes_peak", "pool_tokens",
+    "recompute_tokens", "masters_created", "author_masters_used", "early_master_agents",
+    "rounds_timed_out", "late_arrivals", "retries", "master_tokens", "mirror_tokens",
+    "held_requests", "kv_tokens_peak", "kv_bytes_peak", "pool_tokens",
 )  # fmt: skip
 STORE_SUMMED = ("mirrors", "mirror_tokens", "dense_equiv_tokens", "stored_tokens")
 

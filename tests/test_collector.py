@@ -244,3 +244,56 @@ def test_an_authored_output_replaces_the_master_agent() -> None:
     use = state_of(a).layout.shared[0]
     assert (use.node, use.start, use.end, use.node_offset) == (node, 5, 13, 0)
     assert col.counters.author_masters_used == 1
+
+
+def test_an_early_master_agent_runs_at_arrival_and_its_round_waits_for_the_release() -> None:
+    col, cache = collector()
+    a = parsed(col, make_req("a", ["s1", "s2"], 1))
+    b = parsed(col, make_req("b", ["s2", "s1"], 2))
+    c = parsed(col, make_req("c", ["s1"], 3))
+    assert col.start_early(a) is True  # nobody provides s1, s2: a computes both, now
+    assert state_of(a).role == "master"
+    assert [u.seg_id for u in state_of(a).master_uses] == ["s1", "s2"]
+    assert col.start_early(b) is False and col.start_early(c) is False  # a computes theirs
+    assert state_of(b).role == "waiting"
+    assert col.on_prefill_done(a) == []  # masters made, but the round is not whole yet
+    assert col.counters.masters_created == 2 and "r1" in col.rounds
+    assert col.start_round("r1", [b, c], 0.0) == [b, c]  # the release: masters exist
+    assert all(u.node is not None for r in (b, c) for u in state_of(r).layout.shared)
+    assert col.counters.early_master_agents == 1 and col.rounds == {}
+
+
+def test_a_round_released_before_its_early_master_is_done_waits_for_it() -> None:
+    col, _ = collector()
+    a = parsed(col, make_req("a", ["s1"], 1))
+    b = parsed(col, make_req("b", ["s1", "s2"], 2))
+    assert col.start_early(a) is True
+    assert col.start_early(b) is True  # s2 is nobody's yet: b is a second master agent
+    assert [u.seg_id for u in state_of(b).master_uses] == ["s2"]
+    c = parsed(col, make_req("c", ["s2", "s1"], 3))
+    assert col.start_round("r1", [c], 0.0) == []  # both master agents still computing
+    assert col.on_prefill_done(a) == []
+    assert col.on_prefill_done(b) == [c]
+    assert col.counters.masters_created == 2 and col.rounds == {}
+
+
+def test_an_aborted_early_master_gives_its_segments_back_to_the_round() -> None:
+    col, _ = collector()
+    a = parsed(col, make_req("a", ["s1"], 1))
+    b = parsed(col, make_req("b", ["s1"], 2))
+    assert col.start_early(a) is True
+    assert col.on_abort("a-r1", abort_all=False) == []  # nothing was waiting yet
+    assert col.rounds == {}
+    assert col.start_round("r1", [b], 0.0) == [b]  # b computes s1 itself, as a master agent
+    assert state_of(b).role == "master"
+
+
+def test_no_early_master_for_a_segment_an_author_or_a_master_provides() -> None:
+    col, cache = collector(master_policy="author")
+    node = cache.insert_segment(SEGS["s1"][2:], torch.arange(600, 608), torch.arange(40, 48))
+    cache.authored.add(node.node)
+    cache.insert_segment(SEGS["s2"], torch.arange(700, 708), torch.arange(3, 11))
+    a = parsed(col, make_req("a", ["s1", "s2"], 1))
+    assert col.start_early(a) is False and col.rounds == {}
+    assert col.start_round("r1", [a], 0.0) == [a]
+    assert state_of(a).role == "reuse" and col.counters.author_masters_used == 1

@@ -75,3 +75,27 @@ def test_rounds_are_independent() -> None:
     (rel,) = b.poll()
     assert rel.round_id == "r2"
     assert b.held() == 1
+
+
+def test_a_started_member_counts_for_its_round_but_is_not_released_again() -> None:
+    b: RoundBarrier[str] = RoundBarrier(100.0, Clock())
+    assert b.add("r1", 3, "a", "A") is True
+    b.start("r1", "a")  # queued by the caller (an early master agent)
+    b.add("r1", 3, "b", "B")
+    assert b.held() == 1 and b.poll() == []
+    assert b.add("r1", 3, "a", "A2") is False  # its retry runs at once, as a late arrival
+    assert [(r.reason, r.requests) for r in b.poll()] == [("late", ["A2"])]
+    assert b.remove(lambda r: r == "A") == []  # SGLang aborts it; the round shrinks
+    b.add("r1", 3, "c", "C")
+    (rel,) = b.poll()
+    assert (rel.reason, rel.requests) == ("complete", ["B", "C"])
+    assert b.add("r1", 3, "d", "D") is False  # late
+
+
+def test_a_round_whose_members_all_started_releases_with_no_requests() -> None:
+    b: RoundBarrier[str] = RoundBarrier(100.0, Clock())
+    b.add("r1", 1, "a", "A")
+    b.start("r1", "a")
+    (rel,) = b.poll()
+    assert (rel.round_id, rel.requests, rel.reason) == ("r1", [], "complete")
+    assert b.held() == 0

@@ -117,9 +117,37 @@ def test_round_missing_an_agent_completes_after_the_timeout(servers) -> None:
     assert stats(url)["integrity"] == "ok"
 
 
+def test_a_master_agent_starts_before_its_round_is_whole(servers) -> None:
+    """Its segments have no master: the first agent runs at arrival (not held until the
+    round's other agents arrive); they then reuse the masters it made."""
+    url = servers["td"].url
+    trace = generative_agents(agents=3, rounds=1, seed=15, private_words=30, shared_words=10)
+    bodies = round_bodies(trace.rounds()[1], "early1", True, 2)
+    before = stats(url)
+    first = generate(url, bodies[0])  # alone: its round of 3 is not whole
+    assert first.status_code == 200, first.text
+    mid = stats(url)
+    assert mid["early_master_agents"] - before["early_master_agents"] == 1
+    assert mid["rounds"] == before["rounds"] and mid["held_requests"] == 0  # not released
+    assert mid["masters_created"] > before["masters_created"]
+    out = run_round(url, bodies[1:])
+    assert all(len(o["output_ids"]) == 2 for o in out)
+    s = stats(url)
+    assert s["rounds"] - mid["rounds"] == 1  # released whole: no timeout, no late arrival
+    assert (s["rounds_timed_out"], s["late_arrivals"]) == (
+        mid["rounds_timed_out"],
+        mid["late_arrivals"],
+    )
+    assert s["reused_master_tokens"] > mid["reused_master_tokens"]
+    assert s["integrity"] == "ok"
+
+
 def test_hintless_requests_are_not_delayed_by_a_held_round(servers) -> None:
     url = servers["td"].url
     trace = generative_agents(agents=3, rounds=1, seed=12, private_words=30, shared_words=10)
+    # the same texts once first: their masters exist, so the first agent is held (it has no
+    # master to compute, which would start it at arrival)
+    run_round(url, round_bodies(trace.rounds()[1], "held-warm", True, 2))
     bodies = round_bodies(trace.rounds()[1], "held", True, 2)
     box: dict[str, requests.Response] = {}
     th = threading.Thread(target=lambda: box.setdefault("r", generate(url, bodies[0])))
@@ -134,20 +162,29 @@ def test_hintless_requests_are_not_delayed_by_a_held_round(servers) -> None:
     assert box["r"].status_code == 200
 
 
-def test_aborted_agent_leaves_no_leaked_slot(servers) -> None:
+@pytest.mark.parametrize("held", [True, False], ids=["held", "early-master"])
+def test_aborted_agent_leaves_no_leaked_slot(servers, held: bool) -> None:
+    """The first agent is aborted while held at the barrier, or while it runs as an early
+    master agent (its segments had no master: it started at arrival)."""
     url = servers["td"].url
-    trace = generative_agents(agents=2, rounds=1, seed=13, private_words=30, shared_words=10)
-    bodies = round_bodies(trace.rounds()[1], "abort1", True, 64)
-    bodies[0]["rid"] = "abort-me-0"
+    seed = 13 if held else 14
+    trace = generative_agents(agents=2, rounds=1, seed=seed, private_words=30, shared_words=10)
+    if held:
+        run_round(url, round_bodies(trace.rounds()[1], f"abort-warm{seed}", True, 2))
+    before = stats(url)
+    bodies = round_bodies(trace.rounds()[1], f"abort{seed}", True, 64)
+    bodies[0]["rid"] = f"abort-me-{seed}"
     box: dict[str, requests.Response] = {}
     th = threading.Thread(target=lambda: box.setdefault("r", generate(url, bodies[0])))
     th.start()
     time.sleep(0.3)
-    requests.post(url + "/abort_request", json={"rid": "abort-me-0"}, timeout=30)
+    requests.post(url + "/abort_request", json={"rid": f"abort-me-{seed}"}, timeout=30)
     th.join(timeout=60)
     assert not th.is_alive()
     run_round(url, [bodies[1]])  # the other agent still completes (late or timed out)
-    assert stats(url)["integrity"] == "ok"
+    s = stats(url)
+    assert s["early_master_agents"] - before["early_master_agents"] == (0 if held else 1)
+    assert s["integrity"] == "ok"
 
 
 @pytest.mark.parametrize(

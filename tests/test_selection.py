@@ -53,6 +53,25 @@ def test_context_deviation_is_zero_without_context_and_positive_with_it() -> Non
     assert torch.allclose(dev0, torch.zeros(n_seg), atol=1e-6)
 
 
+def test_context_deviation_scores_several_segments_of_a_row_in_one_call() -> None:
+    g = torch.Generator().manual_seed(1)
+    n, heads, dim = 20, 2, 8
+    k, v = torch.randn(n, heads, dim, generator=g), torch.randn(n, heads, dim, generator=g)
+    key_pos = torch.arange(n)
+    segs = [(3, 7), (7, 12), (15, 18)]
+    qpos = torch.cat([torch.arange(a, b) for a, b in segs])
+    q = torch.randn(len(qpos), heads, dim, generator=g)
+    starts = torch.cat([torch.full((b - a,), a) for a, b in segs])
+    together = context_deviation(q, k, v, qpos, key_pos, starts, None)
+    alone, at = [], 0
+    for a, b in segs:
+        span = slice(at, at + b - a)
+        alone.append(context_deviation(q[span], k, v, qpos[span], key_pos, a, None))
+        at += b - a
+    assert torch.allclose(together, torch.cat(alone), atol=1e-6)
+    assert not torch.allclose(together, context_deviation(q, k, v, qpos, key_pos, 3, None))
+
+
 def test_probe_board_fills_and_pops_per_row() -> None:
     board = ProbeBoard()
     board.add(3, "s", 10, 14)

@@ -83,17 +83,19 @@ def context_deviation(
     v: torch.Tensor,
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
-    seg_start: int,
+    seg_start: int | torch.Tensor,
     scaling: float | None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Relative deviation of each query's attention output without its context.
 
     Args:
-        q: ``[n, H, D]`` queries (tokens of one segment).
+        q: ``[n, H, D]`` queries (tokens of one or several segments of one row).
         k, v: ``[S, Hkv, D]`` keys (rotated to their true positions) and values of the row.
         query_pos, key_pos: int64 true positions of queries and keys.
-        seg_start: first position of the segment: keys before it are "context".
+        seg_start: first position of the query's segment (an int for all, or int64 ``[n]``
+            per query, so every segment of a row is scored in one call): keys before it
+            are "context".
         scaling: softmax scale (None: SDPA's default).
         reduce: under tensor parallelism, a sum over the TP ranks (each holds some heads):
             squared norms add over heads, so every rank gets the score over all heads and
@@ -103,6 +105,8 @@ def context_deviation(
         float32 ``[n]``: ``|o_full - o_seg| / |o_full|`` over all heads.
     """
     full = key_pos.view(1, -1) <= query_pos.view(-1, 1)
+    if isinstance(seg_start, torch.Tensor):
+        seg_start = seg_start.view(-1, 1)
     seg = full & (key_pos.view(1, -1) >= seg_start)
     qh = q.movedim(0, 1).unsqueeze(0)
     kh = k.to(q.dtype).movedim(0, 1).unsqueeze(0)

@@ -285,7 +285,9 @@ class TaggedAttention:
         """Fill the deviation probes of this batch's rows at the check layer (reads KV only, so
         it runs after the layer's attention on either path).
 
-        Once per master computed (not per step): a loop over the probed rows is fine here.
+        Once per master computed (not per step): a loop over the probed rows is fine here;
+        a row's segments are scored together (one pair of attentions per row, not per
+        segment: a master agent of a large round holds dozens of segments).
         """
         rows = self._rows
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
@@ -305,15 +307,22 @@ class TaggedAttention:
                     self.rope,
                 )  # fmt: skip
                 keys, values = gather_keys(k_cache, plan, self.rope), v_cache[plan.slots]
-                for p in probes.values():
-                    sel = torch.nonzero((qpos >= p.start) & (qpos < p.end)).flatten()
-                    if sel.numel() == 0:
-                        continue
+                spans = list(probes.values())
+                bounds = torch.tensor([[p.start, p.end] for p in spans], device=qpos.device)
+                # the probe of each query (spans of one row do not overlap), -1: none
+                inside = (qpos.view(-1, 1) >= bounds[:, 0]) & (qpos.view(-1, 1) < bounds[:, 1])
+                which = torch.where(inside.any(1), inside.to(torch.int8).argmax(1), -1)
+                sel = torch.nonzero(which >= 0).flatten()
+                if sel.numel():
                     dev = context_deviation(
-                        q_[start:end][sel], keys, values, qpos[sel], plan.key_pos, p.start,
-                        layer.scaling, _tp_sum(),
-                    )  # fmt: skip
-                    p.scores[(qpos[sel] - p.start).cpu()] = dev.cpu()
+                        q_[start:end][sel], keys, values, qpos[sel], plan.key_pos,
+                        bounds[which[sel], 0], layer.scaling, _tp_sum(),
+                    ).cpu()  # fmt: skip
+                    which_h, pos_h = which[sel].cpu(), qpos[sel].cpu()
+                    for i, p in enumerate(spans):
+                        mine = which_h == i
+                        if bool(mine.any()):
+                            p.scores[pos_h[mine] - p.start] = dev[mine]
             start = end
 
 
