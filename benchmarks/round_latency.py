@@ -28,11 +28,14 @@ agent's first token: the barrier, every prefill and any wait for KV) and ``tail`
 the last answer: decode only), p50 over rounds. Modes run interleaved (repeat k rotates the
 order) on servers that stay up (``--sleep-on-idle``), the cache flushed before each run, fresh
 round ids each run. Spread: median and min/max over repeats; ratios off/tokendance are paired
-per repeat.
+per repeat. ``--variant NAME=FLAGS`` adds a tokendance arm with more launch flags, interleaved
+and paired the same way (``NAME/tokendance``), to measure one option in one run.
 
     python benchmarks/round_latency.py --out runs/bench/round_latency
     python benchmarks/round_latency.py --cases ga25 decode --repeats 3 --out ...
     python benchmarks/round_latency.py --quick --out runs/bench/round_latency-quick
+    python benchmarks/round_latency.py --cases society4 --repeats 5 \
+        --variant release="--tokendance-master-start release"
 """
 
 from __future__ import annotations
@@ -109,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ratio", type=float, default=0.15, help="recompute ratio (tokendance, pic)")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--server-args", default="", help="more launch_server flags, every case")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="one more tokendance arm with these launch flags, interleaved with the modes and "
+        "paired with tokendance (ratio NAME/tokendance), e.g. "
+        "release='--tokendance-master-start release'; repeatable",
+    )
     ap.add_argument("--quick", action="store_true", help="GA n8 and decode only, 2 repeats")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/round_latency"))
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -162,28 +174,52 @@ def run_metrics(result: Any) -> dict[str, Any]:
     }
 
 
+def variants(args: argparse.Namespace) -> dict[str, list[str]]:
+    """``--variant NAME=FLAGS`` as {name: flags} (names must not be a mode or repeat)."""
+    out: dict[str, list[str]] = {}
+    for v in args.variant:
+        name, sep, flags = v.partition("=")
+        if not sep or not name or name in common.MODES or name in out:
+            raise SystemExit(f"--variant wants NAME=FLAGS with a new name, got {v!r}")
+        out[name] = shlex.split(flags)
+    return out
+
+
+def arms(args: argparse.Namespace) -> list[str]:
+    """Every arm of a run: the modes, then the variants."""
+    return [*args.modes, *variants(args)]
+
+
 def run_case(name: str, case: Case, args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
-    """Interleaved replays of every mode on one case."""
+    """Interleaved replays of every mode (and variant) on one case."""
     from sglang_tokendance.replay import ReplayOptions, replay
 
     trace = _trace(case)
     model = common.model_path(case.model)
     extra = shlex.split(case.server_args) + shlex.split(args.server_args)
+    mode_of = {m: m for m in args.modes} | {v: "tokendance" for v in variants(args)}
     keys = {m: pool.key(model, m, args.ratio, extra) for m in args.modes}
+    keys |= {
+        v: pool.key(model, "tokendance", args.ratio, extra + f) for v, f in variants(args).items()
+    }
     pool.ensure(list(keys.values()))
     servers = {m: pool.get(k) for m, k in keys.items()}
     for m, srv in servers.items():  # warm-up: the first forwards of new shapes are slow
         common.warm_up(srv.url)
-        replay(trace, srv.url, ReplayOptions(mode=m, progress=False, max_rounds=1))
+        replay(trace, srv.url, ReplayOptions(mode=mode_of[m], progress=False, max_rounds=1))
     runs = []
-    bar = tqdm(total=args.repeats * len(args.modes), desc=name, unit="run", disable=None)
+    names = arms(args)
+    bar = tqdm(total=args.repeats * len(names), desc=name, unit="run", disable=None)
     for rep in range(args.repeats):
-        order = args.modes[rep % len(args.modes) :] + args.modes[: rep % len(args.modes)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for m in order:
             url = servers[m].url
             common.flush_cache(url)
             opts = ReplayOptions(
-                mode=m, progress=False, honor_arrival=False, round_prefix=common.run_prefix(m)
+                mode=mode_of[m],
+                progress=False,
+                honor_arrival=False,
+                round_prefix=common.run_prefix(m),
             )
             rec = {"case": name, "mode": m, "repeat": rep, "loadavg": common.loadavg()}
             rec.update(run_metrics(replay(trace, url, opts)))
@@ -228,7 +264,8 @@ def run_decode(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
 
 
 def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
-    """Spread per case, mode and metric; paired ratios off/tokendance (and pic/tokendance)."""
+    """Spread per case, mode and metric; paired ratios off/tokendance (and pic/tokendance,
+    and NAME/tokendance for each variant)."""
     out: dict[str, Any] = {}
     for case in dict.fromkeys(r["case"] for r in runs if r["case"] != "decode"):
         mine = [r for r in runs if r["case"] == case]
@@ -237,7 +274,7 @@ def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
             for m in modes
         }
         ratios = {}
-        for base in ("off", "pic"):
+        for base in ("off", "pic", *(m for m in modes if m not in common.MODES)):
             if base in modes and "tokendance" in modes:
                 for k in METRICS:
                     vals = []
@@ -273,7 +310,7 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
         args.repeats = min(args.repeats, 2)
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
-    with common.pool_or_new(pool, args.out / "logs", max_alive=len(args.modes) + 1) as pool:
+    with common.pool_or_new(pool, args.out / "logs", max_alive=len(arms(args)) + 1) as pool:
         for name in args.cases:
             if name == "decode":
                 runs += run_decode(args, pool)
@@ -289,11 +326,12 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             "ratio": args.ratio,
             "decode_tokens": args.decode_tokens,
             "server_args": args.server_args,
+            "variants": variants(args),
             "quick": args.quick,
         },
         "servers_last_alive": servers,
         "runs": runs,
-        "summary": summarize(runs, args.modes),
+        "summary": summarize(runs, arms(args)),
         "wall_s": round(time.perf_counter() - t0, 1),
         "machine": common.machine_info(),
     }

@@ -119,6 +119,17 @@ def test_round_latency_metrics_and_paired_ratios() -> None:
     s = rl.summarize(runs, ["off", "tokendance"])
     assert s["c"]["ratios"]["round_ms_p50:off/tokendance"]["median"] == 2.0
     assert s["c"]["ratios"]["ttft_ms_p50:off/tokendance"]["median"] == 2.0
+    # a variant arm is paired with tokendance the same way
+    slow = rl.run_metrics(result([75.0, 225.0, 150.0], 25.0))
+    s = rl.summarize(
+        [*runs, dict(slow, mode="release", case="c", repeat=0)], ["off", "tokendance", "release"]
+    )
+    assert s["c"]["ratios"]["round_ms_p50:release/tokendance"]["median"] == 1.5
+    args = rl.build_parser().parse_args(["--variant", "release=--tokendance-master-start release"])
+    assert rl.variants(args) == {"release": ["--tokendance-master-start", "release"]}
+    assert rl.arms(args) == ["off", "tokendance", "release"]
+    with pytest.raises(SystemExit, match="NAME=FLAGS"):
+        rl.variants(rl.build_parser().parse_args(["--variant", "off=--x"]))
 
 
 def test_capacity_quick_searches_under_a_given_slo(
