@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_tokendance.attention.deviation import ProbeBoard, context_deviation
+from sglang_tokendance.attention.deviation import (
+    ProbeBoard,
+    context_deviation,
+    segment_deviation,
+)
 from sglang_tokendance.cache.authored import AuthoredIndex
 from sglang_tokendance.cache.nodes import AllGatherNode, token_hash
 from sglang_tokendance.selection import select_recompute
@@ -53,23 +57,33 @@ def test_context_deviation_is_zero_without_context_and_positive_with_it() -> Non
     assert torch.allclose(dev0, torch.zeros(n_seg), atol=1e-6)
 
 
-def test_context_deviation_scores_several_segments_of_a_row_in_one_call() -> None:
+def test_segment_deviation_equals_the_reference_for_every_segment_of_a_row_at_once() -> None:
+    """The batched probe (full-context output from the forward, segment-only attention for
+    all segments in one call) against :func:`context_deviation`, one segment at a time; keys
+    in a shuffled order (a laid-out row) and grouped heads (4 query heads, 2 KV heads)."""
     g = torch.Generator().manual_seed(1)
-    n, heads, dim = 20, 2, 8
-    k, v = torch.randn(n, heads, dim, generator=g), torch.randn(n, heads, dim, generator=g)
-    key_pos = torch.arange(n)
+    n, heads, kv_heads, dim = 24, 4, 2, 8
+    perm = torch.randperm(n, generator=g)
+    key_pos = torch.arange(n)[perm]
+    k, v = torch.randn(n, kv_heads, dim, generator=g), torch.randn(n, kv_heads, dim, generator=g)
     segs = [(3, 7), (7, 12), (15, 18)]
-    qpos = torch.cat([torch.arange(a, b) for a, b in segs])
+    qpos = torch.tensor([20, *range(3, 12), 13, *range(15, 18)])  # and two outside any span
     q = torch.randn(len(qpos), heads, dim, generator=g)
-    starts = torch.cat([torch.full((b - a,), a) for a, b in segs])
-    together = context_deviation(q, k, v, qpos, key_pos, starts, None)
-    alone, at = [], 0
+    # the forward's own output: each query over every key at positions <= its own
+    mask = key_pos.view(1, -1) <= qpos.view(-1, 1)
+    o_full = torch.nn.functional.scaled_dot_product_attention(
+        q.movedim(0, 1).unsqueeze(0), k.movedim(0, 1).unsqueeze(0), v.movedim(0, 1).unsqueeze(0),
+        attn_mask=mask, enable_gqa=True,
+    ).squeeze(0).movedim(1, 0)  # fmt: skip
+    bounds = torch.tensor(segs)
+    dev, which = segment_deviation(q, o_full, k, v, qpos, key_pos, bounds, None)
+    assert which.tolist() == [*range(1, 10), *range(11, 14)]
+    expected = []
     for a, b in segs:
-        span = slice(at, at + b - a)
-        alone.append(context_deviation(q[span], k, v, qpos[span], key_pos, a, None))
-        at += b - a
-    assert torch.allclose(together, torch.cat(alone), atol=1e-6)
-    assert not torch.allclose(together, context_deviation(q, k, v, qpos, key_pos, 3, None))
+        sel = torch.nonzero((qpos >= a) & (qpos < b)).flatten()
+        expected.append(context_deviation(q[sel], k, v, qpos[sel], key_pos, a, None))
+    assert torch.allclose(dev, torch.cat(expected), atol=1e-5)
+    assert bool((dev[1:4] > 0).all())  # the first segment's later tokens had context before it
 
 
 def test_probe_board_fills_and_pops_per_row() -> None:

@@ -91,7 +91,7 @@ def around_radix_attention(
     else:
         out = original(layer, q, k, v, forward_batch, save_kv_cache, *args, **kwargs)
     if ta.wants_probes(layer, forward_batch):
-        ta.run_probes(q, layer, forward_batch)
+        ta.run_probes(q, out, layer, forward_batch)
     return out
 
 

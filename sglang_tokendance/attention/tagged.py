@@ -26,7 +26,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang_tokendance.attention import batch_plan as bp
 from sglang_tokendance.attention import shared_decode as sd
 from sglang_tokendance.attention.blend import BlendPlan, key_deviation, seed_kv
-from sglang_tokendance.attention.deviation import context_deviation, get_probe_board
+from sglang_tokendance.attention.deviation import get_probe_board, segment_deviation, span_of
 from sglang_tokendance.attention.dispatch import batch_is_tagged, resolve_path
 from sglang_tokendance.attention.rope import RopeParams, rope_params_from_model
 from sglang_tokendance.attention.torch_path import gather_keys, plan_row
@@ -281,16 +281,20 @@ class TaggedAttention:
         """True at the check layer of an extend whose rows have deviation probes pending."""
         return self.probing and layer.layer_id == self.probes.check_layer and fb is self._fb
 
-    def run_probes(self, q: torch.Tensor, layer: RadixAttention, fb: ForwardBatch) -> None:
-        """Fill the deviation probes of this batch's rows at the check layer (reads KV only, so
-        it runs after the layer's attention on either path).
+    def run_probes(
+        self, q: torch.Tensor, out: torch.Tensor, layer: RadixAttention, fb: ForwardBatch
+    ) -> None:
+        """Fill the deviation probes of this batch's rows at the check layer, from the layer's
+        queries and attention output ``out`` (it reads KV only, so it runs after the layer's
+        attention on either path).
 
-        Once per master computed (not per step): a loop over the probed rows is fine here;
-        a row's segments are scored together (one pair of attentions per row, not per
-        segment: a master agent of a large round holds dozens of segments).
+        Once per master computed (not per step): a loop over the probed rows is fine here; a
+        row's segments are scored in one batched attention (a master agent of a large round
+        holds dozens of segments), and the full-context attention is the forward's own.
         """
         rows = self._rows
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o_ = out.reshape(-1, layer.tp_q_head_num, layer.v_head_dim)
         k_cache = self.kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.kv_pool.get_value_buffer(layer.layer_id)
         seq_lens = host_list(fb.seq_lens_cpu, fb.seq_lens)
@@ -301,28 +305,26 @@ class TaggedAttention:
             probes = self.probes.rows.get(row)
             if probes:
                 qpos = fb.positions[start:end].long()
-                slots = self.r2t_pool.req_to_token[row, : seq_lens[i]]
-                plan = plan_row(
-                    slots, self.table.row_positions(row, seq_lens[i]), self.table.slot_pos,
-                    self.rope,
-                )  # fmt: skip
-                keys, values = gather_keys(k_cache, plan, self.rope), v_cache[plan.slots]
                 spans = list(probes.values())
                 bounds = torch.tensor([[p.start, p.end] for p in spans], device=qpos.device)
-                # the probe of each query (spans of one row do not overlap), -1: none
-                inside = (qpos.view(-1, 1) >= bounds[:, 0]) & (qpos.view(-1, 1) < bounds[:, 1])
-                which = torch.where(inside.any(1), inside.to(torch.int8).argmax(1), -1)
-                sel = torch.nonzero(which >= 0).flatten()
-                if sel.numel():
-                    dev = context_deviation(
-                        q_[start:end][sel], keys, values, qpos[sel], plan.key_pos,
-                        bounds[which[sel], 0], layer.scaling, _tp_sum(),
-                    ).cpu()  # fmt: skip
-                    which_h, pos_h = which[sel].cpu(), qpos[sel].cpu()
-                    for i, p in enumerate(spans):
-                        mine = which_h == i
+                # only the keys inside the spans: the segment-only attention reads no other
+                kpos = self.table.row_positions(row, seq_lens[i])
+                inside = torch.nonzero(span_of(kpos, bounds) >= 0).flatten()
+                slots = self.r2t_pool.req_to_token[row, : seq_lens[i]][inside]
+                plan = plan_row(slots, kpos[inside], self.table.slot_pos, self.rope)
+                keys, values = gather_keys(k_cache, plan, self.rope), v_cache[plan.slots]
+                dev, which = segment_deviation(
+                    q_[start:end], o_[start:end], keys, values, qpos, plan.key_pos, bounds,
+                    layer.scaling, _tp_sum(),
+                )  # fmt: skip
+                if which.numel():
+                    pos = qpos[which]
+                    seg = span_of(pos, bounds).cpu()
+                    dev, pos = dev.cpu(), pos.cpu()
+                    for s, p in enumerate(spans):
+                        mine = seg == s
                         if bool(mine.any()):
-                            p.scores[pos_h[mine] - p.start] = dev[mine]
+                            p.scores[pos[mine] - p.start] = dev[mine]
             start = end
 
 
