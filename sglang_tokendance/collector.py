@@ -1,22 +1,23 @@
-"""The KV Collector: once per round, decide masters, recompute sets and every agent's row.
+"""The KV Collector: once per round and segment, decide masters and recompute sets; lay out
+every agent's row.
 
-Round lifecycle (tokendance mode)::
+Round lifecycle (tokendance mode, ``--tokendance-master-start arrival``, the default)::
 
-    an agent of round r arrives (the round not yet whole; --tokendance-master-start arrival)
-      -> start_early: if it holds shared segments that have no master, no authored master and
-         no master agent yet, it becomes their master agent now and runs at once (phase A
-         overlaps the rest of the round's arrival); otherwise it is held
-    barrier releases round r
-      -> start_round: every shared segment looked up by content (hash, verified)
-           found  -> its master is reused
-           missing-> one "master agent" (the first agent holding it) computes it in its own
-                     context with an ordinary full prefill (phase A)
-         agents whose segments all have masters get a RowLayout and run now (phase B);
-         the others wait for the round's master agents
-      -> after each prefill forward (on_prefill_done):
-           master agent: its segment rows become masters (slots handed to the cache, no copy)
-           reuse agent:  its recomputed slots become its mirrors (the diff)
-         when the last master agent is done, the waiting agents get layouts and run.
+    an agent of round r arrives (admit; the barrier only counts it)
+      each shared segment it holds is
+        being computed by a master agent of round r -> the agent waits for that agent
+        a master in the cache, or an authored output -> reused
+        nobody's yet                                 -> the agent becomes its master agent:
+                                                        an ordinary full prefill, now (phase A)
+      an agent that waits for nobody gets a RowLayout and runs now (phase B)
+    after each prefill forward (on_prefill_done):
+      master agent: its segment rows become masters (slots handed to the cache, no copy);
+                    the agents waiting only for it get layouts and run
+      reuse agent:  its recomputed slots become its mirrors (the diff)
+
+With ``release`` the barrier holds every agent until the round is whole (or times out), then
+``start_round`` makes the same choices for the whole round at once: the first agent holding a
+missing segment is its master agent, the others wait for all the round's master agents.
 
 Recompute sets are collective: chosen once per (round, segment) and shared by all agents
 (:mod:`.selection`: leading tokens, or by deviation scores that the master agent's forward
@@ -35,7 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,6 +53,13 @@ from sglang_tokendance.state import RequestState, layout_of, state_of
 logger = logging.getLogger(__name__)
 
 
+class AbortResult(NamedTuple):
+    """What an abort changed: requests now free to run, and waiting requests it dropped."""
+
+    freed: list[Any]
+    dropped: list[Any]
+
+
 @dataclass(slots=True)
 class RoundState:
     """The collector's record of one released round."""
@@ -61,10 +69,16 @@ class RoundState:
     recompute: dict[str, torch.Tensor] = field(default_factory=dict)
     nodes: dict[str, Any] = field(default_factory=dict)  # seg_id -> authored master
     masters_pending: set[str] = field(default_factory=set)  # rids of master agents
-    waiting: list[Any] = field(default_factory=list)  # reqs waiting for masters
+    # reqs waiting for masters, each with the master agents (rids) it still waits for
+    waiting: list[tuple[Any, set[str]]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     released: bool = False  # the barrier released the round (start_round ran)
-    claimed: dict[str, str] = field(default_factory=dict)  # seg_id -> its early master's rid
+    claimed: dict[str, str] = field(default_factory=dict)  # seg_id -> its master agent's rid
+    hits: dict[str, Any] = field(default_factory=dict)  # seg_id -> authored hit (arrival)
+
+    def idle(self) -> bool:
+        """Nothing of the round runs as a master agent and nothing waits."""
+        return not self.masters_pending and not self.waiting
 
 
 class Collector:
@@ -131,58 +145,75 @@ class Collector:
             return None
         return RequestState(hint.agent, hint.round, hint.round_size, role="alone")
 
-    def start_early(self, req: Any) -> bool:
-        """An agent arriving before its round is whole: make it a master agent now if it holds
-        shared segments nobody provides yet (no master, no authored master, no earlier
-        arrival computing them). True: queue it at once (the barrier only counts it);
-        False: hold it. The choice is the one :meth:`start_round` would make (the first
-        agent holding a missing segment computes it), made at arrival, so the master
-        agent's full prefill overlaps the arrival of the rest of the round."""
-        if self.cfg.master_start != "arrival":
-            return False
+    def admit(self, req: Any) -> list[Any]:
+        """``--tokendance-master-start arrival``: plan an agent when it arrives, not when its
+        round is whole. Returns the requests to queue now: ``[req]``, or ``[]`` while it
+        waits for a master agent of its round.
+
+        Each shared segment of the agent is, in this order: being computed by a master agent
+        of the round (the agent waits for that one agent, not for the round); a master in the
+        cache; an authored output (looked up once per segment and round); or nobody's yet,
+        and then the agent becomes its master agent and runs a full prefill at once. The
+        choices are those :meth:`start_round` makes for a whole round (the first agent holding
+        a missing segment computes it; recompute sets once per segment and round), made as
+        agents arrive, so a round's agents do not wait for its slowest arrival.
+        """
+        t0 = time.perf_counter()
         lay = layout_of(req)
         state = self.rounds.get(lay.round_id)
-        if state is not None and state.released:
-            return False
-        computes = []
-        for use in lay.shared:
-            if state is not None and use.seg_id in state.claimed:
-                continue
-            toks = tuple(lay.true_ids[use.start : use.end])
-            if self.cache.lookup_segment(toks) is not None:
-                continue
-            if self.cfg.master_policy == "author" and self.cache.find_authored(toks) is not None:
-                continue  # start_round narrows the use to it
-            computes.append(use)
-        if not computes:
-            return False
         if state is None:
             state = self.rounds[lay.round_id] = RoundState(lay.round_id, {})
-        self._make_master_agent(req, computes, lay.prefix_len)
-        state.masters_pending.add(req.rid)
-        state.claimed.update((u.seg_id, req.rid) for u in computes)
-        self.counters.early_master_agents += 1
-        return True
+        computes, needs = [], set()
+        for use in lay.shared:
+            toks = tuple(lay.true_ids[use.start : use.end])
+            state.seg_tokens.setdefault(use.seg_id, toks)
+            owner = state.claimed.get(use.seg_id)
+            if owner in state.masters_pending:
+                needs.add(owner)
+            elif use.seg_id in state.hits:
+                _narrow(use, state.hits[use.seg_id])
+            elif owner is None and self.cache.lookup_segment(toks) is None:
+                hit = self._authored(toks, (lay.round_id, use.seg_id))
+                if hit is not None:
+                    state.hits[use.seg_id], state.nodes[use.seg_id] = hit, hit.node
+                    _narrow(use, hit)
+                else:
+                    computes.append(use)
+        now: list[Any] = []
+        if computes:  # phase A for these segments: a full prefill in this agent's context
+            self._make_master_agent(req, computes, lay.prefix_len)
+            state.masters_pending.add(req.rid)
+            state.claimed.update((u.seg_id, req.rid) for u in computes)
+            self.counters.early_master_agents += 1
+            now.append(req)
+        elif needs:
+            state.waiting.append((req, needs))
+        else:
+            now += self._lay_out(state, [req])
+        self.counters.collector_s += time.perf_counter() - t0
+        return now
 
     def start_round(self, round_id: str, reqs: list[Any], waited_s: float) -> list[Any]:
-        """Plan a released round (``reqs``: its held requests; early master agents run
-        already); returns the requests to queue now (the rest wait)."""
+        """Plan a released round (``reqs``: its held requests, none when every agent was
+        admitted at arrival); returns the requests to queue now (the rest wait)."""
         t0 = time.perf_counter()
         self.counters.rounds += 1
-        self.counters.barrier_wait_s += waited_s
+        if reqs:  # someone waited at the barrier (with arrival, nobody does)
+            self.counters.barrier_wait_s += waited_s
+        state = self.rounds.pop(round_id, None) or RoundState(round_id, {})
+        state.released = True
+        if not reqs:  # arrival: everything was planned as it came
+            if not state.idle():
+                self.rounds[round_id] = state
+            self.counters.collector_s += time.perf_counter() - t0
+            return []
         layouts = [(req, layout_of(req)) for req in reqs]
         seg_tokens: dict[str, tuple[int, ...]] = {}
         for _, lay in layouts:
             for use in lay.shared:
                 seg_tokens.setdefault(use.seg_id, tuple(lay.true_ids[use.start : use.end]))
-        state = self.rounds.pop(round_id, None) or RoundState(round_id, {})
-        state.seg_tokens, state.released = seg_tokens, True
-        # segments an early master agent computes (or computed) are not missing
-        missing = {
-            s
-            for s, t in seg_tokens.items()
-            if s not in state.claimed and self.cache.lookup_segment(t) is None
-        }
+        state.seg_tokens = seg_tokens
+        missing = {s for s, t in seg_tokens.items() if self.cache.lookup_segment(t) is None}
         for seg_id in sorted(missing):
             hit = self._authored(seg_tokens[seg_id], (round_id, seg_id))
             if hit is not None:
@@ -202,10 +233,11 @@ class Collector:
                 state.masters_pending.add(req.rid)
                 now.append(req)
             else:
-                state.waiting.append(req)
+                state.waiting.append((req, set()))
+        for _, needs in state.waiting:  # the round's waiting agents wait for all its masters
+            needs |= state.masters_pending
         self.rounds[round_id] = state
-        if not state.masters_pending:
-            now += self._release_waiting(state)
+        now += self._release_ready(state)
         self.counters.collector_s += time.perf_counter() - t0
         return now
 
@@ -239,9 +271,9 @@ class Collector:
             self.counters.nonleading_selections += 1
         return chosen
 
-    def _release_waiting(self, state: RoundState) -> list[Any]:
-        out = []
-        for req in state.waiting:
+    def _lay_out(self, state: RoundState, reqs: list[Any]) -> list[Any]:
+        """Give ``reqs`` their row layouts against the round's masters (reuse agents)."""
+        for req in reqs:
             lay = layout_of(req)
             for use in lay.shared:
                 use.node = state.nodes.get(use.seg_id) or self.cache.lookup_segment(
@@ -251,9 +283,16 @@ class Collector:
                     state.recompute[use.seg_id] = self._recompute(use)
                 use.recompute = state.recompute[use.seg_id]
             state_of(req).role = "reuse"
-            out.append(req)
-        state.waiting = []
-        self.rounds.pop(state.round_id, None)
+        return reqs
+
+    def _release_ready(self, state: RoundState) -> list[Any]:
+        """Lay out the waiting agents whose master agents are all done; forget an idle
+        released round."""
+        ready = [req for req, needs in state.waiting if not needs]
+        state.waiting = [(req, needs) for req, needs in state.waiting if needs]
+        out = self._lay_out(state, ready)
+        if state.released and state.idle():
+            self.rounds.pop(state.round_id, None)
         return out
 
     def plan_alone(self, req: Any) -> None:
@@ -330,28 +369,37 @@ class Collector:
         for state in list(self.rounds.values()):
             if req.rid in state.masters_pending:
                 state.masters_pending.discard(req.rid)
-                if not state.masters_pending and state.released:
-                    return self._release_waiting(state)
+                for _, needs in state.waiting:
+                    needs.discard(req.rid)
+                return self._release_ready(state)
         return []
 
-    def on_abort(self, rid_prefix: str, abort_all: bool) -> list[Any]:
-        """An aborted master agent must not block its round: release the waiting agents.
-        Before its round is released, an aborted early master agent gives its segments
-        back (a later arrival or the release computes them)."""
+    def waiting(self) -> int:
+        """Requests waiting for master agents now."""
+        return sum(len(st.waiting) for st in self.rounds.values())
+
+    def on_abort(self, rid_prefix: str, abort_all: bool) -> AbortResult:
+        """Aborted waiting agents are handed back (for SGLang's abort path to answer); an
+        aborted master agent must not block its round: the agents waiting for it run
+        (computing its segments in their own rows), and later arrivals compute them anew."""
         freed: list[Any] = []
+        dropped: list[Any] = []
         for state in list(self.rounds.values()):
-            gone = {r for r in state.masters_pending if abort_all or r.startswith(rid_prefix)}
-            if not gone:
-                continue
+
+            def match(rid: str) -> bool:
+                return abort_all or rid.startswith(rid_prefix)
+
+            dropped += [req for req, _ in state.waiting if match(req.rid)]
+            state.waiting = [(req, n) for req, n in state.waiting if not match(req.rid)]
+            gone = {r for r in state.masters_pending if match(r)}
             state.masters_pending -= gone
             state.claimed = {s: r for s, r in state.claimed.items() if r not in gone}
-            if state.masters_pending:
-                continue
-            if state.released:
-                freed += self._release_waiting(state)
-            else:  # nothing runs for it and nothing waits (waiting is set at release)
+            for _, needs in state.waiting:
+                needs -= gone
+            freed += self._release_ready(state)
+            if state.idle() and not state.released:
                 self.rounds.pop(state.round_id, None)
-        return freed
+        return AbortResult(freed, dropped)
 
     def _promote(
         self,

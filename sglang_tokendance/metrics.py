@@ -94,7 +94,7 @@ def snapshot(td: Any) -> dict[str, float]:
         "prompt_tokens": c.prompt_tokens,
         "live_master_tokens": live[0] + live[1],
         "live_mirror_tokens": live[2],
-        "held_requests": td.barrier.held(),
+        "held_requests": td.held(),
     }
 
 

@@ -2,10 +2,10 @@
 
 - ``_add_request_to_queue`` (around): a hinted request gets its :class:`RequestState` (built
   once from the hint) and goes to the round barrier instead of the waiting queue (tokendance
-  mode), unless the collector makes it an early master agent (it holds segments nobody
-  provides yet): then the barrier only counts it and it is queued at once. In pic mode it is
-  planned alone and queued at once. Requests without hints, and
-  everything with TokenDance off, take SGLang's path unchanged.
+  mode, ``--tokendance-master-start release``); with ``arrival`` (the default) the barrier
+  only counts it and the collector plans it at once: it is queued, or waits for the master
+  agents of its round it reads. In pic mode it is planned alone and queued at once. Requests
+  without hints, and everything with TokenDance off, take SGLang's path unchanged.
 - ``get_next_batch_to_run`` (before): released rounds are planned by the collector and their
   requests queued (through SGLang's own ``_add_request_to_queue``, not the hooked one); agents
   waiting for masters are queued as the masters appear. Under tensor parallelism (tp > 1)
@@ -105,11 +105,17 @@ class TokenDanceScheduler:
             st.layout, st.role = None, "alone"
             req.set_finish_with_abort(f"invalid TokenDance hint: {e}")
             return False
-        if held and self.collector.start_early(req):
-            # a master agent runs its full prefill now, while the rest of its round arrives
+        if held and self.cfg.master_start == "arrival":
+            # planned now, not when the round is whole: the barrier only counts it; it runs
+            # at once (a master agent, or its masters exist) or waits in the collector for
+            # the master agents it reads
             self.barrier.start(st.round_id, st.agent)
-            self._queue([req])
+            self._queue(self.collector.admit(req))
         return True
+
+    def held(self) -> int:
+        """Requests held by TokenDance now (at the barrier or waiting for master agents)."""
+        return self.barrier.held() + self.collector.waiting()
 
     def _duplicate(self, round_id: str, agent: str, req: Any) -> str | None:
         """One request per agent per round at a time: a second one while the first is held or
@@ -203,9 +209,10 @@ class TokenDanceScheduler:
             return abort_all or req.rid.startswith(rid)
 
         held = self.barrier.remove(match)
+        res = self.collector.on_abort(rid, abort_all)
         # SGLang's own abort path answers the client for requests in its waiting queue.
-        self.scheduler.waiting_queue.extend(held)
-        self._queue(self.collector.on_abort(rid, abort_all))
+        self.scheduler.waiting_queue.extend(held + res.dropped)
+        self._queue(res.freed)
 
 
 def _state(scheduler: Any) -> TokenDanceScheduler | None:

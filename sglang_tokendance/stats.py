@@ -80,7 +80,7 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         kv_tokens_peak=td.acct.peak_used_tokens,
         kv_bytes_peak=td.acct.peak_used_tokens * bpt,
         pool_tokens=int(scheduler.token_to_kv_pool_allocator.size),
-        held_requests=td.barrier.held(),
+        held_requests=td.held(),
         per_round=td.acct.round_report(bpt),
         watch=td.watch.to_dict() if td.watch is not None else None,
         attention=_attention(scheduler),
@@ -146,7 +146,7 @@ def _integrity(scheduler: Any, td: Any) -> str:
     running = scheduler.running_batch
     if (running is not None and not running.is_empty()) or scheduler.waiting_queue:
         return "busy"
-    if td.barrier.held() or scheduler.chunked_req is not None:
+    if td.held() or scheduler.chunked_req is not None:
         return "busy"
     check = getattr(scheduler.tree_cache, "check_integrity", None)
     if check is None:

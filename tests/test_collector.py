@@ -212,7 +212,7 @@ def test_an_aborted_master_agent_releases_its_round() -> None:
     a = parsed(col, make_req("a", ["s1"], 1))
     b = parsed(col, make_req("b", ["s1"], 2))
     assert col.start_round("r1", [a, b], 0.0) == [a]
-    assert col.on_abort("a-r1", abort_all=False) == [b]
+    assert col.on_abort("a-r1", abort_all=False) == ([b], [])
     assert state_of(b).layout.shared[0].node is None  # no master: b computes s1 itself
     assert col.rounds == {}
 
@@ -246,54 +246,72 @@ def test_an_authored_output_replaces_the_master_agent() -> None:
     assert col.counters.author_masters_used == 1
 
 
-def test_an_early_master_agent_runs_at_arrival_and_its_round_waits_for_the_release() -> None:
+def test_an_agent_arriving_with_missing_segments_runs_at_once_as_their_master_agent() -> None:
     col, cache = collector()
     a = parsed(col, make_req("a", ["s1", "s2"], 1))
     b = parsed(col, make_req("b", ["s2", "s1"], 2))
     c = parsed(col, make_req("c", ["s1"], 3))
-    assert col.start_early(a) is True  # nobody provides s1, s2: a computes both, now
+    assert col.admit(a) == [a]  # nobody provides s1, s2: a computes both, now
     assert state_of(a).role == "master"
     assert [u.seg_id for u in state_of(a).master_uses] == ["s1", "s2"]
-    assert col.start_early(b) is False and col.start_early(c) is False  # a computes theirs
-    assert state_of(b).role == "waiting"
-    assert col.on_prefill_done(a) == []  # masters made, but the round is not whole yet
-    assert col.counters.masters_created == 2 and "r1" in col.rounds
-    assert col.start_round("r1", [b, c], 0.0) == [b, c]  # the release: masters exist
+    assert col.admit(b) == [] and col.admit(c) == []  # they wait for a, not for the round
+    assert col.waiting() == 2 and state_of(b).role == "waiting"
+    assert col.on_prefill_done(a) == [b, c]  # its masters exist: both run, round not whole
     assert all(u.node is not None for r in (b, c) for u in state_of(r).layout.shared)
-    assert col.counters.early_master_agents == 1 and col.rounds == {}
+    b_s1 = next(u for u in state_of(b).layout.shared if u.seg_id == "s1")
+    assert b_s1.recompute is state_of(c).layout.shared[0].recompute  # collective
+    assert col.counters.masters_created == 2 and col.counters.early_master_agents == 1
+    assert col.start_round("r1", [], 0.0) == [] and col.rounds == {}  # the barrier's count
+    assert col.counters.rounds == 1 and col.counters.barrier_wait_s == 0.0
 
 
-def test_a_round_released_before_its_early_master_is_done_waits_for_it() -> None:
+def test_an_agent_whose_masters_exist_runs_at_arrival() -> None:
+    col, cache = collector()
+    cache.insert_segment(SEGS["s1"], torch.arange(500, 510), torch.arange(3, 13))
+    a = parsed(col, make_req("a", ["s1"], 1))
+    assert col.admit(a) == [a]
+    assert state_of(a).role == "reuse"
+    assert state_of(a).layout.shared[0].node is cache.lookup_segment(SEGS["s1"])
+
+
+def test_a_later_arrival_with_a_new_segment_is_a_second_master_agent() -> None:
     col, _ = collector()
     a = parsed(col, make_req("a", ["s1"], 1))
     b = parsed(col, make_req("b", ["s1", "s2"], 2))
-    assert col.start_early(a) is True
-    assert col.start_early(b) is True  # s2 is nobody's yet: b is a second master agent
-    assert [u.seg_id for u in state_of(b).master_uses] == ["s2"]
     c = parsed(col, make_req("c", ["s2", "s1"], 3))
-    assert col.start_round("r1", [c], 0.0) == []  # both master agents still computing
+    assert col.admit(a) == [a]
+    assert col.admit(b) == [b]  # s2 is nobody's yet: b computes it (a full prefill)
+    assert [u.seg_id for u in state_of(b).master_uses] == ["s2"]
+    assert col.admit(c) == []  # c reads both: it waits for a and for b
     assert col.on_prefill_done(a) == []
     assert col.on_prefill_done(b) == [c]
-    assert col.counters.masters_created == 2 and col.rounds == {}
+    assert col.counters.masters_created == 2
+    assert col.start_round("r1", [], 0.0) == [] and col.rounds == {}
 
 
-def test_an_aborted_early_master_gives_its_segments_back_to_the_round() -> None:
+def test_aborts_hand_back_waiting_agents_and_free_those_waiting_for_a_master() -> None:
     col, _ = collector()
     a = parsed(col, make_req("a", ["s1"], 1))
     b = parsed(col, make_req("b", ["s1"], 2))
-    assert col.start_early(a) is True
-    assert col.on_abort("a-r1", abort_all=False) == []  # nothing was waiting yet
+    c = parsed(col, make_req("c", ["s1"], 3))
+    assert [col.admit(r) for r in (a, b, c)] == [[a], [], []]
+    assert col.on_abort("c-r1", abort_all=False) == ([], [c])  # for SGLang's abort path
+    assert col.on_abort("a-r1", abort_all=False) == ([b], [])  # b computes s1 itself
+    assert state_of(b).layout.shared[0].node is None
     assert col.rounds == {}
-    assert col.start_round("r1", [b], 0.0) == [b]  # b computes s1 itself, as a master agent
-    assert state_of(b).role == "master"
+    d = parsed(col, make_req("d", ["s1"], 4))
+    assert col.admit(d) == [d] and state_of(d).role == "master"  # s1 is nobody's again
 
 
-def test_no_early_master_for_a_segment_an_author_or_a_master_provides() -> None:
+def test_an_authored_output_is_found_once_per_segment_and_round() -> None:
     col, cache = collector(master_policy="author")
     node = cache.insert_segment(SEGS["s1"][2:], torch.arange(600, 608), torch.arange(40, 48))
     cache.authored.add(node.node)
     cache.insert_segment(SEGS["s2"], torch.arange(700, 708), torch.arange(3, 11))
     a = parsed(col, make_req("a", ["s1", "s2"], 1))
-    assert col.start_early(a) is False and col.rounds == {}
-    assert col.start_round("r1", [a], 0.0) == [a]
-    assert state_of(a).role == "reuse" and col.counters.author_masters_used == 1
+    b = parsed(col, make_req("b", ["s1"], 2))
+    assert col.admit(a) == [a] and col.admit(b) == [b]  # no master agent
+    for r in (a, b):
+        use = state_of(r).layout.shared[0]
+        assert (use.node, use.end - use.start) == (node.node, 8)
+    assert col.counters.author_masters_used == 1 and col.counters.early_master_agents == 0

@@ -39,14 +39,18 @@ def servers(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, request)
     launch_shared_server(request, tiny_llama, tmp_path_factory)
     pic_full = ["--enable-tokendance", "--tokendance-mode", "pic"]
     pic_full += ["--tokendance-recompute-ratio", "1.0"]
-    srv = _server(tiny_llama, tmp, "pic_full", pic_full).start()
+    release = ["--enable-tokendance", "--tokendance-master-start", "release"]
+    release += ["--tokendance-round-timeout-ms", str(int(ROUND_TIMEOUT_S * 1000))]
+    own = {"pic_full": _server(tiny_llama, tmp, "pic_full", pic_full).launch()}
+    own["td_release"] = _server(tiny_llama, tmp, "td_release", release).launch()
     try:
         urls = {k: server_pool.url(request, tmp_path_factory, v) for k, v in pooled.items()}
-        urls["pic_full"] = srv.url
+        urls |= {k: srv.wait_ready().url for k, srv in own.items()}
         urls["td"] = shared_server(request, tiny_llama, tmp_path_factory)
         yield {k: SimpleNamespace(url=u) for k, u in urls.items()}
     finally:
-        srv.stop()
+        for srv in own.values():
+            srv.stop()
 
 
 def _ids(responses: list[list[dict]]) -> list[list[list[int]]]:
@@ -105,7 +109,7 @@ def test_one_master_per_segment_and_sparse_mirrors(servers) -> None:
     assert s["attention"][shared] > before["attention"][shared]
 
 
-def test_round_missing_an_agent_completes_after_the_timeout(servers) -> None:
+def test_a_round_missing_an_agent_runs_without_waiting_for_it(servers) -> None:
     url = servers["td"].url
     trace = generative_agents(agents=3, rounds=1, seed=11, private_words=30, shared_words=10)
     bodies = round_bodies(trace.rounds()[1], "partial", True, 2)
@@ -113,8 +117,12 @@ def test_round_missing_an_agent_completes_after_the_timeout(servers) -> None:
     out = run_round(url, bodies[:2])  # the third agent never comes
     waited = time.monotonic() - t0
     assert len(out) == 2 and all(len(o["output_ids"]) == 2 for o in out)
-    assert waited >= ROUND_TIMEOUT_S - 0.1  # held until the round timeout
-    assert stats(url)["integrity"] == "ok"
+    # planned at arrival: the first computes the masters, the second waits only for it, and
+    # neither is held for the missing agent (--tokendance-master-start release would hold
+    # both until the round timeout)
+    assert waited < ROUND_TIMEOUT_S - 1
+    s = stats(url)
+    assert s["held_requests"] == 0 and s["integrity"] == "ok"
 
 
 def test_a_master_agent_starts_before_its_round_is_whole(servers) -> None:
@@ -142,12 +150,23 @@ def test_a_master_agent_starts_before_its_round_is_whole(servers) -> None:
     assert s["integrity"] == "ok"
 
 
+def test_release_holds_a_round_missing_an_agent_until_the_timeout(servers) -> None:
+    url = servers["td_release"].url
+    trace = generative_agents(agents=3, rounds=1, seed=11, private_words=30, shared_words=10)
+    bodies = round_bodies(trace.rounds()[1], "partial-r", True, 2)
+    t0 = time.monotonic()
+    out = run_round(url, bodies[:2])  # the third agent never comes
+    waited = time.monotonic() - t0
+    assert len(out) == 2 and all(len(o["output_ids"]) == 2 for o in out)
+    assert waited >= ROUND_TIMEOUT_S - 0.1  # held until the round timeout
+    s = stats(url)
+    assert s["rounds_timed_out"] >= 1 and s["early_master_agents"] == 0
+    assert s["integrity"] == "ok"
+
+
 def test_hintless_requests_are_not_delayed_by_a_held_round(servers) -> None:
-    url = servers["td"].url
+    url = servers["td_release"].url  # release: the round holds its agents until it is whole
     trace = generative_agents(agents=3, rounds=1, seed=12, private_words=30, shared_words=10)
-    # the same texts once first: their masters exist, so the first agent is held (it has no
-    # master to compute, which would start it at arrival)
-    run_round(url, round_bodies(trace.rounds()[1], "held-warm", True, 2))
     bodies = round_bodies(trace.rounds()[1], "held", True, 2)
     box: dict[str, requests.Response] = {}
     th = threading.Thread(target=lambda: box.setdefault("r", generate(url, bodies[0])))
