@@ -35,50 +35,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from sglang_tokendance.accounting import Counters
 from sglang_tokendance.cache.api import CollectorCache
-from sglang_tokendance.cache.row_plan import RowLayout, SharedUse
-from sglang_tokendance.cache.rows import index_runs
+from sglang_tokendance.cache.row_plan import SharedUse
 from sglang_tokendance.config import TokenDanceConfig
-from sglang_tokendance.hints import find_action, parse_payload
 from sglang_tokendance.mirror_policy import MirrorJudgeLike, MirrorPolicy
+from sglang_tokendance.promotion import Promoter
+from sglang_tokendance.round_state import AbortResult, RoundState, narrow
 from sglang_tokendance.selection import select_recompute
-from sglang_tokendance.state import RequestState, layout_of, state_of
+from sglang_tokendance.state import layout_of, state_of
 
 logger = logging.getLogger(__name__)
-
-
-class AbortResult(NamedTuple):
-    """What an abort changed: requests now free to run, and waiting requests it dropped."""
-
-    freed: list[Any]
-    dropped: list[Any]
-
-
-@dataclass(slots=True)
-class RoundState:
-    """The collector's record of one released round."""
-
-    round_id: str
-    seg_tokens: dict[str, tuple[int, ...]]
-    recompute: dict[str, torch.Tensor] = field(default_factory=dict)
-    nodes: dict[str, Any] = field(default_factory=dict)  # seg_id -> authored master
-    masters_pending: set[str] = field(default_factory=set)  # rids of master agents
-    # reqs waiting for masters, each with the master agents (rids) it still waits for
-    waiting: list[tuple[Any, set[str]]] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
-    released: bool = False  # the barrier released the round (start_round ran)
-    claimed: dict[str, str] = field(default_factory=dict)  # seg_id -> its master agent's rid
-    hits: dict[str, Any] = field(default_factory=dict)  # seg_id -> authored hit (arrival)
-
-    def idle(self) -> bool:
-        """Nothing of the round runs as a master agent and nothing waits."""
-        return not self.masters_pending and not self.waiting
 
 
 class Collector:
@@ -109,41 +80,7 @@ class Collector:
         cache.publish_outputs = cfg.master_policy == "author" and cfg.active
         self.probes = probes
         self.mirrors = MirrorPolicy(cfg, cache, counters, judge)
-
-    # ---- hints -> layouts ---------------------------------------------------------------
-    def parse(self, req: Any) -> RequestState | None:
-        """The request's record from its hint (token spans set by the entry), or None.
-
-        Raises:
-            HintError: a malformed hint (the entry validated it already).
-        """
-        payload = find_action(getattr(req, "kv_hints", None))
-        if payload is None:
-            return None
-        hint = parse_payload(payload, None)
-        ids = list(req.origin_input_ids)
-        shared = [
-            SharedUse(s.id, s.tok_start, s.tok_end)
-            for s in hint.segments
-            if s.type == "shared" and s.tok_end > s.tok_start
-        ]
-        if any(s.tok_start < 0 or s.tok_end > len(ids) for s in hint.segments):
-            raise ValueError("TokenDance hint has no token spans (entry hook not active?)")
-        prefix_len = shared[0].start if shared else len(ids)
-        layout = RowLayout(hint.round, hint.agent, ids, prefix_len, shared)
-        return RequestState(hint.agent, hint.round, hint.round_size, layout=layout)
-
-    def parse_round(self, req: Any) -> RequestState | None:
-        """Mode off: a record naming the request's round and agent only (no layout, so SGLang
-        runs it as ever), or None for no hint or an unreadable one."""
-        try:
-            payload = find_action(getattr(req, "kv_hints", None))
-            if payload is None:
-                return None
-            hint = parse_payload(payload, None)
-        except ValueError:
-            return None
-        return RequestState(hint.agent, hint.round, hint.round_size, role="alone")
+        self.promoter = Promoter(cache, counters, self.mirrors, cfg.mode)
 
     def admit(self, req: Any) -> list[Any]:
         """``--tokendance-master-start arrival``: plan an agent when it arrives, not when its
@@ -171,12 +108,12 @@ class Collector:
             if owner in state.masters_pending:
                 needs.add(owner)
             elif use.seg_id in state.hits:
-                _narrow(use, state.hits[use.seg_id])
+                narrow(use, state.hits[use.seg_id])
             elif owner is None and self.cache.lookup_segment(toks) is None:
                 hit = self._authored(toks, (lay.round_id, use.seg_id))
                 if hit is not None:
                     state.hits[use.seg_id], state.nodes[use.seg_id] = hit, hit.node
-                    _narrow(use, hit)
+                    narrow(use, hit)
                 else:
                     computes.append(use)
         now: list[Any] = []
@@ -222,7 +159,7 @@ class Collector:
                 for _, lay in layouts:
                     for use in lay.shared:
                         if use.seg_id == seg_id:
-                            _narrow(use, hit)
+                            narrow(use, hit)
         now: list[Any] = []
         for req, lay in layouts:
             computes = [u for u in lay.shared if u.seg_id in missing]
@@ -305,7 +242,7 @@ class Collector:
             if use.node is None:
                 hit = self._authored(toks, (lay.round_id, use.seg_id))
                 if hit is not None:
-                    _narrow(use, hit)
+                    narrow(use, hit)
             if not pic:
                 use.recompute = self._recompute(use)
         lay.blend = pic
@@ -322,48 +259,14 @@ class Collector:
         if authored:
             st.master_uses = None
             probes = self.probes.pop(req.kv.req_pool_idx)
-            self._promote(req, authored, None, probes)
+            self.promoter.promote(req, authored, None, probes)
             return self._master_done(req)
         lay = layout_of(req)
         if lay is not None and lay.blend:
-            self._blend_done(req, lay)
+            self.promoter.blend_done(req, lay)
         elif lay is not None:
-            if lay.reused_slots is not None:
-                self.counters.reused_tokens += int(lay.reused_slots.numel())
-            self.counters.recompute_tokens += sum(
-                int(u.recompute.numel())
-                for u in lay.shared
-                if u.node is not None and u.recompute is not None
-            )
-            # segments that had no master were computed fresh here: they become masters
-            fresh = [u for u in lay.shared if u.node is None]
-            if fresh:
-                self._promote(req, fresh, lay.row_pos)
-            if self.cfg.mode == "tokendance":
-                self.mirrors.attach(req, lay)
+            self.promoter.reuse_done(req, lay)
         return []
-
-    def _blend_done(self, req: Any, lay: RowLayout) -> None:
-        """pic: the dense copy is made; free its sources and store fresh segments as masters
-        (copies: the request keeps its own slots, so it never references a master)."""
-        self.cache.release_match_pins(req)
-        row = req.kv.req_pool_idx
-        if lay.blend_src is not None:
-            self.counters.reused_tokens += int((lay.blend_src >= 0).sum())
-        for use in lay.shared:
-            if (use.node is not None and not use.node.evicted) or row is None:
-                continue
-            toks = tuple(lay.true_ids[use.start : use.end])
-            if self.cache.lookup_segment(toks) is not None:
-                continue  # another pic request stored it meanwhile
-            own = self.cache.row_slots(row, torch.arange(use.start, use.end))
-            copy = self.cache.copy_slots(own)
-            if copy is None:
-                continue  # no room: no master this time (the next request computes it again)
-            pos = torch.arange(use.start, use.end, dtype=torch.int32)
-            res = self.cache.insert_segment(toks, copy, pos)
-            if res.inserted:
-                self.counters.masters_created += 1
 
     def _master_done(self, req: Any) -> list[Any]:
         for state in list(self.rounds.values()):
@@ -400,45 +303,3 @@ class Collector:
             if state.idle() and not state.released:
                 self.rounds.pop(state.round_id, None)
         return AbortResult(freed, dropped)
-
-    def _promote(
-        self,
-        req: Any,
-        authored: list[SharedUse],
-        row_pos: torch.Tensor | None,
-        probes: dict[str, Any] | None = None,
-    ) -> None:
-        row = req.kv.req_pool_idx
-        if row is None:
-            return
-        true_ids = layout_of(req).true_ids if row_pos is not None else req.origin_input_ids
-        for use in authored:
-            if row_pos is None:  # a true-order row
-                if use.start < req.kv.cache_protected_len:
-                    continue  # the tree owns part of it (never expected: the match is capped)
-                idx = torch.arange(use.start, use.end)
-            else:  # a fully fresh segment is one contiguous run of the fresh region
-                idx = torch.nonzero((row_pos >= use.start) & (row_pos < use.end)).flatten()
-                if idx.numel() != use.end - use.start or index_runs(idx) != [
-                    (int(idx[0]), int(idx[-1]) + 1)
-                ]:
-                    continue
-            toks = tuple(true_ids[use.start : use.end])
-            slots = self.cache.row_slots(row, idx)
-            pos = torch.arange(use.start, use.end, dtype=torch.int32)
-            res = self.cache.insert_segment(toks, slots, pos)
-            probe = (probes or {}).get(use.seg_id)
-            if probe is not None and probe.complete and res.node.deviation is None:
-                res.node.deviation = probe.scores
-            if res.inserted:
-                self.cache.claim_row_ranges(row, index_runs(idx))
-                self.cache.pin_segment(res.node, row)
-                self.counters.masters_created += 1
-
-
-def _narrow(use: SharedUse, hit: Any) -> None:
-    """Shrink ``use`` to the span an authored master covers; the wrapper tokens go fresh."""
-    use.start += hit.seg_offset
-    use.end = use.start + hit.length
-    use.node = hit.node
-    use.node_offset = hit.node_offset

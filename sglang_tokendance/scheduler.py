@@ -34,6 +34,7 @@ from sglang_tokendance.attention.deviation import get_probe_board
 from sglang_tokendance.attention.mirror_deviation import get_mirror_judge
 from sglang_tokendance.collector import Collector
 from sglang_tokendance.config import TokenDanceConfig, get_config
+from sglang_tokendance.hint_state import parse_request, parse_round
 from sglang_tokendance.metrics import TokenDanceMetrics, scheduler_ranks
 from sglang_tokendance.rounds import RoundBarrier
 from sglang_tokendance.state import attach, layout_of, state_of
@@ -79,12 +80,12 @@ class TokenDanceScheduler:
         if not self.cfg.enabled or state_of(req) is not None:
             return False
         if not self.cfg.active:
-            st = self.collector.parse_round(req)
+            st = parse_round(req)
             if st is not None:
                 attach(req, st)
             return False
         try:
-            st = self.collector.parse(req)
+            st = parse_request(req)
         except ValueError as e:  # entry validated already; be safe, never crash the loop
             logger.warning("ignoring TokenDance hint of %s: %s", req.rid, e)
             return False

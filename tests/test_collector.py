@@ -20,6 +20,7 @@ from sglang_tokendance.cache.nodes import AllGatherNode
 from sglang_tokendance.cache.store import SegmentStore
 from sglang_tokendance.collector import Collector
 from sglang_tokendance.config import TokenDanceConfig
+from sglang_tokendance.hint_state import parse_request
 from sglang_tokendance.hints import ACTION_TYPE
 from sglang_tokendance.state import attach, state_of
 
@@ -121,7 +122,7 @@ def collector(**cfg: Any) -> tuple[Collector, FakeCache]:
 
 
 def parsed(col: Collector, req: Any) -> Any:
-    attach(req, col.parse(req))
+    attach(req, parse_request(req))
     return req
 
 
