@@ -79,8 +79,8 @@ class Collector:
         self.counters = counters
         cache.publish_outputs = cfg.master_policy == "author" and cfg.active
         self.probes = probes
-        self.mirrors = MirrorPolicy(cfg, cache, counters, judge)
-        self.promoter = Promoter(cache, counters, self.mirrors, cfg.mode)
+        mirrors = MirrorPolicy(cfg, cache, counters, judge)
+        self.promoter = Promoter(cache, counters, mirrors, cfg.mode)
 
     def admit(self, req: Any) -> list[Any]:
         """``--tokendance-master-start arrival``: plan an agent when it arrives, not when its
