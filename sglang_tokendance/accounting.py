@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sglang_tokendance.state import state_of
 
@@ -19,6 +19,20 @@ MAX_ROUNDS = 256  # per-round records kept (oldest dropped first)
 SATURATED_SHARE = 0.02
 # Bin edges of the mirror deviations the threshold policy measured: 4 per decade, 1e-4 .. 1e2.
 MIRROR_DEV_EDGES: tuple[float, ...] = tuple(10.0 ** (e / 4) for e in range(-16, 9))
+
+
+class KVParts(NamedTuple):
+    """Who holds the pool tokens of running work (their sum is ``used_tokens``).
+
+    ``rows``: slots the running requests own themselves (tokens they computed fresh: private
+    text, outputs, pic copies); ``mirrors``: recomputed slots kept as sparse diffs;
+    ``masters``: master segments pinned while a round reads them; ``radix``: SGLang's radix
+    nodes locked by running requests (shared and private prefixes)."""
+
+    rows: int = 0
+    mirrors: int = 0
+    masters: int = 0
+    radix: int = 0
 
 
 @dataclass(slots=True)
@@ -58,6 +72,7 @@ class RoundCounters:
     cached_tokens: int = 0
     max_new_tokens: int = 0
     peak_used_tokens: int = 0
+    peak_parts: KVParts = KVParts()  # the breakdown at that peak
     min_free_tokens: int | None = None  # free + evictable slots at the tightest batch
     queued_for_memory: bool = False  # requests waited in SGLang's queue while the round ran
 
@@ -92,6 +107,7 @@ class Accounting:
         self.counters = Counters()
         self.rounds: OrderedDict[str, RoundCounters] = OrderedDict()
         self.peak_used_tokens = 0
+        self.peak_parts = KVParts()
         self.pool_tokens = 0
 
     def observe_batch(
@@ -101,11 +117,16 @@ class Accounting:
         used_tokens: int,
         pool_tokens: int = 0,
         queued: int = 0,
+        parts: KVParts | None = None,
     ) -> None:
         """Track the peak of ``used_tokens`` (pool - free - evictable) overall and per round,
-        how close each round came to a full pool (``queued``: requests waiting in SGLang's
-        queue meanwhile), and count each hinted request's prompt once, at its first prefill."""
-        self.peak_used_tokens = max(self.peak_used_tokens, used_tokens)
+        with who held it (``parts``, kept at each peak), how close each round came to a full
+        pool (``queued``: requests waiting in SGLang's queue meanwhile), and count each hinted
+        request's prompt once, at its first prefill."""
+        assert parts is None or sum(parts) == used_tokens, (parts, used_tokens)
+        parts = parts if parts is not None else KVParts(rows=used_tokens)
+        if used_tokens > self.peak_used_tokens:
+            self.peak_used_tokens, self.peak_parts = used_tokens, parts
         self.pool_tokens = pool_tokens or self.pool_tokens
         free = self.pool_tokens - used_tokens
         seen: set[str] = set()
@@ -119,7 +140,8 @@ class Accounting:
                 while len(self.rounds) > MAX_ROUNDS:
                     self.rounds.popitem(last=False)
             if st.round_id not in seen:
-                rc.peak_used_tokens = max(rc.peak_used_tokens, used_tokens)
+                if used_tokens > rc.peak_used_tokens:
+                    rc.peak_used_tokens, rc.peak_parts = used_tokens, parts
                 rc.min_free_tokens = (
                     free if rc.min_free_tokens is None else min(rc.min_free_tokens, free)
                 )
@@ -151,6 +173,7 @@ class Accounting:
                     "prompt_tokens": rc.prompt_tokens,
                     "prefill_tokens_computed": rc.prompt_tokens - rc.cached_tokens,
                     "kv_tokens_peak": rc.peak_used_tokens,
+                    "kv_peak_parts": rc.peak_parts._asdict(),
                     "min_free_tokens": rc.min_free_tokens,
                     # a full pool capped the figure: what fitted, a lower bound of the need
                     "pool_saturated": tight or rc.queued_for_memory,

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sglang_tokendance.accounting import Accounting
+from sglang_tokendance.accounting import Accounting, KVParts
 from sglang_tokendance.attention.deviation import get_probe_board
 from sglang_tokendance.attention.mirror_deviation import get_mirror_judge
 from sglang_tokendance.collector import Collector
@@ -197,10 +197,16 @@ class TokenDanceScheduler:
         """Feed the accounting: KV held for running work (pool - free - evictable)."""
         sched = self.scheduler
         alloc = sched.token_to_kv_pool_allocator
-        used = int(alloc.size - alloc.available_size() - sched.tree_cache.evictable_size())
+        cache = sched.tree_cache
+        used = int(alloc.size - alloc.available_size() - cache.evictable_size())
         queued = len(sched.waiting_queue)
         self.acct.observe_batch(
-            batch.reqs, batch.forward_mode.is_extend(), used, int(alloc.size), queued
+            batch.reqs,
+            batch.forward_mode.is_extend(),
+            used,
+            int(alloc.size),
+            queued,
+            kv_parts(cache, used),
         )
         if self.metrics is not None:
             self.metrics.update(self, batch.forward_mode.is_extend())
@@ -214,6 +220,20 @@ class TokenDanceScheduler:
         # SGLang's own abort path answers the client for requests in its waiting queue.
         self.scheduler.waiting_queue.extend(held + res.dropped)
         self._queue(res.freed)
+
+
+def kv_parts(cache: Any, used: int) -> KVParts:
+    """Split ``used`` (pool - free - evictable) by holder; plain ints read off the cache.
+
+    used = radix protected + master protected + mirror slots + request-owned slots, because
+    the TokenDance cache's ``protected_size()`` subtracts what rows borrow (integrity.py)."""
+    radix = int(getattr(cache, "protected_size_", 0) or 0)
+    store = getattr(cache, "store", None)
+    masters = int(store.protected_master_tokens) if store is not None else 0
+    mirrors = int(store.mirror_tokens) if store is not None else 0
+    rows = used - radix - masters - mirrors
+    assert rows >= 0, (used, radix, masters, mirrors)
+    return KVParts(rows=rows, mirrors=mirrors, masters=masters, radix=radix)
 
 
 def _state(scheduler: Any) -> TokenDanceScheduler | None:

@@ -79,6 +79,7 @@ def scheduler_stats(scheduler: Any) -> dict[str, Any]:
         barrier_wait_ms=round(c.barrier_wait_s * 1000, 3),
         kv_tokens_peak=td.acct.peak_used_tokens,
         kv_bytes_peak=td.acct.peak_used_tokens * bpt,
+        kv_peak_parts=td.acct.peak_parts._asdict(),
         pool_tokens=int(scheduler.token_to_kv_pool_allocator.size),
         held_requests=td.held(),
         per_round=td.acct.round_report(bpt),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from sglang_tokendance.accounting import Accounting
+from sglang_tokendance.accounting import Accounting, KVParts
 from sglang_tokendance.state import RequestState, attach
 
 
@@ -38,3 +38,16 @@ def test_requests_without_a_record_are_not_counted() -> None:
     plain = SimpleNamespace(origin_input_ids=[0] * 9, prefix_len=0)
     acct.observe_batch([plain], True, used_tokens=9, pool_tokens=100)
     assert acct.round_report(1) == [] and acct.peak_used_tokens == 9
+
+
+def test_the_peak_keeps_who_held_it_overall_and_per_round() -> None:
+    acct = Accounting()
+    a = req("r1", "a", 100, 0)
+    acct.observe_batch([a], True, 300, 1000, parts=KVParts(rows=200, mirrors=50, masters=50))
+    acct.observe_batch([a], False, 250, 1000, parts=KVParts(rows=250))  # below the peak: kept
+    b = req("r2", "b", 100, 0)
+    acct.observe_batch([b], True, 400, 1000, parts=KVParts(rows=100, radix=300))
+    r1, r2 = acct.round_report(bytes_per_token=1)
+    assert r1["kv_peak_parts"] == {"rows": 200, "mirrors": 50, "masters": 50, "radix": 0}
+    assert r2["kv_peak_parts"] == {"rows": 100, "mirrors": 0, "masters": 0, "radix": 300}
+    assert acct.peak_parts == KVParts(rows=100, radix=300)

@@ -360,6 +360,10 @@ def test_deviation_selection_scores_masters_once_and_picks_non_leading_tokens(se
     assert s["nonleading_selections"] > before["nonleading_selections"]
     assert s["store_last_round"]["mirrors"] == 5 * 6
     assert s["integrity"] == "ok"
+    # the round's peak, split by holder: the 6 masters stay pinned while their mirrors live
+    rnd = s["last_round"]
+    assert rnd["round"] == "dev1" and sum(rnd["kv_peak_parts"].values()) == rnd["kv_tokens_peak"]
+    assert rnd["kv_peak_parts"]["masters"] > 0 and rnd["kv_peak_parts"]["rows"] > 0
 
 
 def test_mode_off_runs_hinted_requests_stock_and_accounts_them_per_round(servers) -> None:
@@ -372,5 +376,7 @@ def test_mode_off_runs_hinted_requests_stock_and_accounts_them_per_round(servers
     s = stats(url)
     rnd = next(r for r in s["per_round"] if r["round"] == "offacct")
     assert rnd["agents"] == 4 and rnd["kv_tokens_peak"] > 0
+    assert sum(rnd["kv_peak_parts"].values()) == rnd["kv_tokens_peak"]
+    assert rnd["kv_peak_parts"]["masters"] == rnd["kv_peak_parts"]["mirrors"] == 0
     assert rnd["pool_saturated"] is False
     assert s["masters_created"] == 0 and s["rounds"] == 0  # no round was planned

@@ -159,6 +159,8 @@ def build_report(
         "prefill_tokens_computed": computed,
         "prefill_token_layers": (stats.get("attention") or {}).get("prefill_token_layers"),
         "kv_tokens_peak": stats.get("kv_tokens_peak"),
+        # who held the measured round's peak (tokens): rows, mirrors, masters, radix
+        "kv_peak_parts": last_round.get("kv_peak_parts"),
         "kv_bytes_per_token": per_tok,
         "kv_bytes_per_agent": per_agent,
         "kv_per_agent_lower_bound": saturated,
@@ -239,6 +241,13 @@ def summary(report: dict[str, Any]) -> str:
         ),
         f"  KV tokens peak           {_fmt(report['kv_tokens_peak'])}",
     ]
+    parts = report.get("kv_peak_parts")
+    if parts:
+        lines.append(
+            "  KV at the round's peak   "
+            + "  ".join(f"{k} {_fmt(v)}" for k, v in parts.items())
+            + " (tokens)"
+        )
     failed = report.get("rounds_failed", 0)
     if rl["p50"] is None:
         lines.append("  round latency ms         none: no round was answered in full")
