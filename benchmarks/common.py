@@ -294,6 +294,8 @@ class ServerKey(NamedTuple):
         mirror = flag_value(self.extra, MIRROR_FLAG)
         if mirror == "threshold":
             mirror += f" {flag_value(self.extra, MIRROR_EPS_FLAG) or 'default'}"
+            if (scale := flag_value(self.extra, MIRROR_SCALE_FLAG)) is not None:
+                mirror += f" {scale}"
         suffix = f" ({mirror} mirrors)" if mirror is not None else ""  # None: the default
         return f"{self.mode}{f'[{tag}]' if tag else ''}@{self.ratio:g}{suffix}"
 
@@ -301,20 +303,30 @@ class ServerKey(NamedTuple):
 POLICY_FLAG = "--tokendance-master-policy"
 MIRROR_FLAG = "--tokendance-mirror"
 MIRROR_EPS_FLAG = "--tokendance-mirror-eps"
+MIRROR_SCALE_FLAG = "--tokendance-mirror-scale"
 
 
 def mirror_flags(policy: str) -> list[str]:
     """Server flags of a mirror policy spec: ``default`` (no flag: the server's default
-    policy), ``keep``, ``drop`` or ``threshold:EPS`` (``threshold`` alone: the default eps).
+    policy), ``keep``, ``drop`` or ``threshold[:EPS[:SCALE]]`` (``threshold`` alone: the
+    default eps; SCALE ``token`` or ``layer``, see ``--tokendance-mirror-scale``).
     Every policy but ``default`` is passed explicitly: the server's default is not keep."""
-    name, _, eps = policy.partition(":")
-    if name not in ("default", "keep", "drop", "threshold") or (eps and name != "threshold"):
+    name, _, rest = policy.partition(":")
+    eps, _, scale = rest.partition(":")
+    if (
+        name not in ("default", "keep", "drop", "threshold")
+        or (rest and name != "threshold")
+        or scale not in ("", "token", "layer")
+        or (scale and not eps)
+    ):
         raise ValueError(
-            f"mirror policy must be default, keep, drop or threshold[:EPS], got {policy!r}"
+            "mirror policy must be default, keep, drop or threshold[:EPS[:token|layer]], "
+            f"got {policy!r}"
         )
     if name == "default":
         return []
-    return [MIRROR_FLAG, name, *([MIRROR_EPS_FLAG, str(float(eps))] if eps else [])]
+    flags = [MIRROR_FLAG, name, *([MIRROR_EPS_FLAG, str(float(eps))] if eps else [])]
+    return flags + ([MIRROR_SCALE_FLAG, scale] if scale else [])
 
 
 def mirror_of_label(label: str) -> str:

@@ -11,6 +11,7 @@ MODES: tuple[str, ...] = ("tokendance", "pic", "off")
 SELECTIONS: tuple[str, ...] = ("leading", "deviation", "both")  # see selection.py
 MASTER_POLICIES: tuple[str, ...] = ("fresh", "author")
 MIRROR_POLICIES: tuple[str, ...] = ("keep", "threshold", "drop")
+MIRROR_SCALES: tuple[str, ...] = ("token", "layer")  # threshold's denominator: mirror_deviation
 # threshold (the default policy): a recomputed slot is kept when its K or V (some layer) differs
 # from the rotated master's by more than this, relative (attention/mirror_deviation.py). 0.5
 # from the fidelity benchmark on the trained model (README, Results): it frees about two thirds
@@ -23,6 +24,18 @@ DECODE_PATHS: tuple[str, ...] = ("shared", "rows")  # torch decode: attention/sh
 MASTER_STARTS: tuple[str, ...] = ("arrival", "release")  # when a master agent's prefill starts
 DEFAULT_SEPARATOR = "<|td|>"
 
+
+# the choice-valued fields of TokenDanceConfig (the flag is --tokendance-<field with dashes>)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": MODES,
+    "selection": SELECTIONS,
+    "master_policy": MASTER_POLICIES,
+    "mirror": MIRROR_POLICIES,
+    "attention": ATTENTION_PATHS,
+    "decode": DECODE_PATHS,
+    "master_start": MASTER_STARTS,
+    "mirror_scale": MIRROR_SCALES,
+}
 
 CONFIG_ATTR = "_tokendance_config"  # the one TokenDance attribute of SGLang's ServerArgs
 
@@ -46,10 +59,14 @@ class TokenDanceConfig:
     mirror_eps: float = DEFAULT_MIRROR_EPS
     decode: str = "shared"
     master_start: str = "arrival"
+    mirror_scale: str = "token"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"--tokendance-mode must be one of {MODES}, got {self.mode!r}")
+        for field, choices in _CHOICES.items():
+            value = getattr(self, field)
+            if value not in choices:
+                flag = "--tokendance-" + field.replace("_", "-")
+                raise ValueError(f"{flag} must be one of {choices}, got {value!r}")
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError(
                 f"--tokendance-recompute-ratio must be in [0, 1], got {self.recompute_ratio}"
@@ -57,32 +74,6 @@ class TokenDanceConfig:
         if self.round_timeout_ms <= 0:
             raise ValueError(
                 f"--tokendance-round-timeout-ms must be > 0, got {self.round_timeout_ms}"
-            )
-        if self.selection not in SELECTIONS:
-            raise ValueError(
-                f"--tokendance-selection must be one of {SELECTIONS}, got {self.selection!r}"
-            )
-        if self.master_policy not in MASTER_POLICIES:
-            raise ValueError(
-                f"--tokendance-master-policy must be one of {MASTER_POLICIES}, "
-                f"got {self.master_policy!r}"
-            )
-        if self.mirror not in MIRROR_POLICIES:
-            raise ValueError(
-                f"--tokendance-mirror must be one of {MIRROR_POLICIES}, got {self.mirror!r}"
-            )
-        if self.attention not in ATTENTION_PATHS:
-            raise ValueError(
-                f"--tokendance-attention must be one of {ATTENTION_PATHS}, got {self.attention!r}"
-            )
-        if self.decode not in DECODE_PATHS:
-            raise ValueError(
-                f"--tokendance-decode must be one of {DECODE_PATHS}, got {self.decode!r}"
-            )
-        if self.master_start not in MASTER_STARTS:
-            raise ValueError(
-                f"--tokendance-master-start must be one of {MASTER_STARTS}, "
-                f"got {self.master_start!r}"
             )
         if not self.mirror_eps >= 0.0:  # also refuses NaN
             raise ValueError(f"--tokendance-mirror-eps must be >= 0, got {self.mirror_eps}")
@@ -215,6 +206,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "master's K rotated to the token's position). 0 keeps every slot (= keep), a huge value "
         "frees every one (= drop). Default %(default)s.",
     )
+    g.add_argument(
+        "--tokendance-mirror-scale",
+        choices=MIRROR_SCALES,
+        default=d.mirror_scale,
+        help="--tokendance-mirror threshold: what a K/V difference is relative to: token = the "
+        "master's own row of that token; layer = the mean norm of the compared master rows in "
+        "that layer (what attention sees: the absolute change). Default %(default)s.",
+    )
     _add_attention(g)
 
 
@@ -275,6 +274,7 @@ def from_namespace(ns: argparse.Namespace) -> TokenDanceConfig:
         mirror_eps=float(getattr(ns, "tokendance_mirror_eps", DEFAULT_MIRROR_EPS)),
         decode=getattr(ns, "tokendance_decode", TokenDanceConfig.decode),
         master_start=getattr(ns, "tokendance_master_start", TokenDanceConfig.master_start),
+        mirror_scale=getattr(ns, "tokendance_mirror_scale", TokenDanceConfig.mirror_scale),
     )
 
 

@@ -26,7 +26,9 @@ from sglang_tokendance.config import TokenDanceConfig
 class MirrorJudgeLike(Protocol):
     """What the collector asks of the mirror judge (tensors stay on the model-runner side)."""
 
-    def deviation(self, mirror_slots: torch.Tensor, master_slots: torch.Tensor) -> torch.Tensor:
+    def deviation(
+        self, mirror_slots: torch.Tensor, master_slots: torch.Tensor, scale: str = "token"
+    ) -> torch.Tensor:
         """Relative K/V deviation of each recomputed slot from its master slot."""
         ...
 
@@ -120,7 +122,7 @@ class MirrorPolicy:
         if mode == "threshold" and self.cfg.recompute_ratio >= 1.0:
             mode = "keep"  # ratio 1.0 asks for full prefill's outputs: no fidelity trade-off
         if mode == "threshold" and self.judge is not None and n:
-            dev = self.judge.deviation(mine, master)
+            dev = self.judge.deviation(mine, master, self.cfg.mirror_scale)
             self._count_deviation(dev)
             return dev > self.cfg.mirror_eps
         keep = mode == "keep" or (mode == "threshold" and self.judge is None)

@@ -211,10 +211,13 @@ def test_mirror_specs_pass_every_policy_but_the_default_explicitly() -> None:
     assert common.mirror_flags("threshold:0.6") == [
         "--tokendance-mirror", "threshold", "--tokendance-mirror-eps", "0.6",
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="default, keep, drop or threshold"):
-        common.mirror_flags("keep:0.5")
+    assert common.mirror_flags("threshold:0.3:layer")[-2:] == ["--tokendance-mirror-scale", "layer"]
+    for bad in ("keep:0.5", "threshold:0.5:norm", "threshold::layer"):
+        with pytest.raises(ValueError, match="default, keep, drop or threshold"):
+            common.mirror_flags(bad)
     pool = common.ServerPool(Path("unused"))
     specs = [("default", "default"), ("keep", "keep"), ("threshold:0.6", "threshold 0.6")]
+    specs.append(("threshold:0.3:layer", "threshold 0.3 layer"))
     for spec, name in specs:
         key = pool.key(Path("m"), "tokendance", 0.15, common.mirror_flags(spec))
         assert common.mirror_of_label(key.label()) == name

@@ -169,15 +169,23 @@ class Judge:
     def __init__(self, by_index: dict[int, float]) -> None:
         self.by_index = by_index
         self.asked: list[tuple[list[int], list[int]]] = []
+        self.scales: list[str] = []
 
-    def deviation(self, mirror_slots: torch.Tensor, master_slots: torch.Tensor) -> torch.Tensor:
+    def deviation(
+        self, mirror_slots: torch.Tensor, master_slots: torch.Tensor, scale: str = "token"
+    ) -> torch.Tensor:
         self.asked.append((mirror_slots.tolist(), master_slots.tolist()))
+        self.scales.append(scale)
         return torch.tensor([self.by_index[int(s) % 1000] for s in mirror_slots])
 
 
-def _threshold_round(eps: float, dev: dict[int, float]) -> tuple[Collector, FakeCache, Judge]:
+def _threshold_round(
+    eps: float, dev: dict[int, float], scale: str = "token"
+) -> tuple[Collector, FakeCache, Judge]:
     cache, judge = FakeCache(), Judge(dev)
-    cfg = TokenDanceConfig(enabled=True, selection="leading", mirror="threshold", mirror_eps=eps)
+    cfg = TokenDanceConfig(
+        enabled=True, selection="leading", mirror="threshold", mirror_eps=eps, mirror_scale=scale
+    )
     col = Collector(cfg, cache, Board(), Counters(), judge)
     a = parsed(col, make_req("a", ["s1"], 1))
     b = parsed(col, make_req("b", ["s1"], 2))
@@ -192,12 +200,18 @@ def test_threshold_keeps_only_the_slots_that_deviate_from_the_master() -> None:
     # row 2's recomputed entries 11, 12 hold s1[0], s1[1]; master slots 1003, 1004 (row 1)
     col, cache, judge = _threshold_round(0.1, {11: 0.5, 12: 0.01})
     assert judge.asked == [([2011, 2012], [1003, 1004])]  # one measurement for the row
+    assert judge.scales == ["token"]
     assert cache.repointed == [(2, [12], [1004], [0], [])]  # s1[1] reads the master again
     (mirror,) = cache.store.mirrors()
     assert mirror.indices.tolist() == [0] and mirror.slots.tolist() == [2011]
     assert (2, [(11, 12)]) in cache.claims
     c = col.counters
     assert (c.mirror_slots_kept, c.mirror_slots_freed, sum(c.mirror_dev_counts)) == (1, 1, 2)
+
+
+def test_threshold_asks_the_judge_for_the_configured_scale() -> None:
+    _, cache, judge = _threshold_round(0.1, {11: 0.5, 12: 0.01}, scale="layer")
+    assert judge.scales == ["layer"] and len(list(cache.store.mirrors())) == 1
 
 
 def test_threshold_at_the_extremes_is_keep_and_drop() -> None:

@@ -43,6 +43,7 @@ def test_defaults_and_flags_parse() -> None:
         250.0,
     )
     assert cfg.uniform_attention and cfg.active
+    assert _parse(["--tokendance-mirror-scale", "layer"]).mirror_scale == "layer"
 
 
 def test_mode_off_is_enabled_but_not_active() -> None:
@@ -57,6 +58,8 @@ def test_mode_off_is_enabled_but_not_active() -> None:
         ({"mode": "dense"}, "must be one of"),
         ({"selection": "random"}, "--tokendance-selection must be one of"),
         ({"master_policy": "oracle"}, "--tokendance-master-policy must be one of"),
+        ({"mirror_scale": "head"}, "--tokendance-mirror-scale must be one of"),
+        ({"master_start": "late"}, "--tokendance-master-start must be one of"),
         ({"separator": ""}, "non-empty"),
     ],
 )

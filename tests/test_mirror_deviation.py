@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sglang_tokendance.accounting import MIRROR_DEV_EDGES, deviation_histogram
@@ -42,6 +43,28 @@ def test_the_deviation_is_the_largest_relative_change_over_layers_and_k_v() -> N
     k[1][5] = k[1][1] * 0.9  # token 1: K of layer 1 10% off
     dev = kv_deviation(k, v, mine, master, zero, ROPE)
     assert torch.allclose(dev, torch.tensor([0.1, 0.3]), atol=1e-5)
+
+
+def test_the_layer_scale_divides_by_the_mean_master_norm_of_the_layer() -> None:
+    """Two tokens moved by the same absolute amount: ``token`` scores the small one higher,
+    ``layer`` scores them the same (the mean master norm of that layer is the denominator)."""
+    k = [torch.zeros(8, 1, 8) for _ in range(2)]
+    v = [torch.zeros(8, 1, 8) for _ in range(2)]
+    master, mine = torch.tensor([0, 1]), torch.tensor([4, 5])
+    zero = torch.zeros(2, dtype=torch.int64)
+    for layer in range(2):
+        v[layer][0, 0, 0], v[layer][1, 0, 0] = 1.0, 3.0  # master norms 1 and 3: mean 2
+        v[layer][mine] = v[layer][master]
+        k[layer][master, 0, 1] = 2.0  # keys of norm 2, equal in the mirror
+        k[layer][mine] = k[layer][master]
+    v[1][4, 0, 2] = 0.5  # token 0's V in layer 1 off by 0.5 (absolute)
+    v[1][5, 0, 2] = 0.5  # token 1's likewise
+    by_token = kv_deviation(k, v, mine, master, zero, ROPE)
+    by_layer = kv_deviation(k, v, mine, master, zero, ROPE, scale="layer")
+    assert torch.allclose(by_token, torch.tensor([0.5, 0.5 / 3]), atol=1e-6)
+    assert torch.allclose(by_layer, torch.tensor([0.25, 0.25]), atol=1e-6)
+    with pytest.raises(ValueError, match="mirror scale must be one of"):
+        kv_deviation(k, v, mine, master, zero, ROPE, scale="head")
 
 
 def test_deviation_histogram_counts_and_median() -> None:

@@ -19,6 +19,15 @@ random-weight model: all under 0.32).
 The :class:`MirrorJudge` rides on the request pool's ``PoolState`` like the probe board: the
 collector (scheduler side) asks it, the batch hooks bind it to the model runner's KV pool and
 RoPE on the first forward (the model-runner side, where the tensors live).
+
+``--tokendance-mirror-scale layer`` divides instead by the mean norm, in that layer, of the
+master rows being compared (the row's recomputed tokens)::
+
+    dev(t) = max over l, X of |X_l[mine(t)] - X'_l[ref(t)]| / mean_t' |X'_l[ref(t')]|
+
+An error in a key moves the logit ``q . k`` by ``q . dk`` and an error in a value moves the
+output by ``p * dv``: what reaches attention is the absolute change, which ``token`` inflates
+for tokens whose own K/V is small.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from sglang_tokendance.attention.rope import (
     delta_cos_sin,
     rope_params_from_model,
 )
+from sglang_tokendance.config import MIRROR_SCALES
 from sglang_tokendance.state import pool_state
 
 logger = logging.getLogger(__name__)
@@ -50,6 +60,7 @@ def kv_deviation(
     master_slots: torch.Tensor,
     delta: torch.Tensor,
     rope: RopeParams,
+    scale: str = "token",
 ) -> torch.Tensor:
     """Relative K/V deviation of mirror slots from their master slots, max over layers.
 
@@ -60,10 +71,14 @@ def kv_deviation(
             the master's slot of the same token).
         delta: ``[n]`` position deltas ``slot_pos[mirror] - slot_pos[master]``.
         rope: the model's RoPE (the rotation that moves a master key to the mirror position).
+        scale: ``token`` (each difference over its own master row's norm) or ``layer`` (over
+            the mean norm of the compared master rows in that layer).
 
     Returns:
         float32 ``[n]``: the largest relative difference over layers and over K and V.
     """
+    if scale not in MIRROR_SCALES:
+        raise ValueError(f"mirror scale must be one of {MIRROR_SCALES}, got {scale!r}")
     n = int(mirror_slots.numel())
     if n == 0:
         return torch.zeros(0, dtype=torch.float32)
@@ -76,7 +91,10 @@ def kv_deviation(
         k_own = k_buf[mine].float().flatten(1)
         v_ref, v_own = v_buf[master].float().flatten(1), v_buf[mine].float().flatten(1)
         for own, ref in ((k_own, k_ref), (v_own, v_ref)):
-            rel = (own - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(EPS_NORM)
+            den = ref.norm(dim=1)
+            if scale == "layer":
+                den = den.mean()
+            rel = (own - ref).norm(dim=1) / den.clamp_min(EPS_NORM)
             torch.maximum(out, rel, out=out)
     return out.cpu()
 
@@ -109,8 +127,11 @@ class MirrorJudge:
         self.kv_pool = pool
         logger.info("TokenDance mirror threshold: judge bound to the KV pool")
 
-    def deviation(self, mirror_slots: torch.Tensor, master_slots: torch.Tensor) -> torch.Tensor:
-        """``dev(t)`` (see the module docstring) of each (mirror slot, master slot) pair.
+    def deviation(
+        self, mirror_slots: torch.Tensor, master_slots: torch.Tensor, scale: str = "token"
+    ) -> torch.Tensor:
+        """``dev(t)`` (see the module docstring) of each (mirror slot, master slot) pair,
+        relative to each master row's norm (``token``) or to their mean (``layer``).
 
         Raises:
             RuntimeError: before the first forward bound the judge (never on the serving
@@ -132,6 +153,7 @@ class MirrorJudge:
             master_slots,
             delta,
             self.rope,
+            scale,
         )
 
 
