@@ -294,8 +294,8 @@ class ServerKey(NamedTuple):
         mirror = flag_value(self.extra, MIRROR_FLAG)
         if mirror == "threshold":
             mirror += f" {flag_value(self.extra, MIRROR_EPS_FLAG) or 'default'}"
-            if (scale := flag_value(self.extra, MIRROR_SCALE_FLAG)) is not None:
-                mirror += f" {scale}"
+            if (scale := flag_value(self.extra, MIRROR_SCALE_FLAG)) not in (None, "token"):
+                mirror += f" {scale}"  # token: the labels of every run before the layer scale
         suffix = f" ({mirror} mirrors)" if mirror is not None else ""  # None: the default
         return f"{self.mode}{f'[{tag}]' if tag else ''}@{self.ratio:g}{suffix}"
 
@@ -309,8 +309,10 @@ MIRROR_SCALE_FLAG = "--tokendance-mirror-scale"
 def mirror_flags(policy: str) -> list[str]:
     """Server flags of a mirror policy spec: ``default`` (no flag: the server's default
     policy), ``keep``, ``drop`` or ``threshold[:EPS[:SCALE]]`` (``threshold`` alone: the
-    default eps; SCALE ``token`` or ``layer``, see ``--tokendance-mirror-scale``).
-    Every policy but ``default`` is passed explicitly: the server's default is not keep."""
+    server's default eps and scale; SCALE ``token`` (when an EPS is given without one: what
+    ``threshold:EPS`` meant before the layer scale existed) or ``layer``, see
+    ``--tokendance-mirror-scale``). Every policy but ``default`` is passed explicitly: the
+    server's default is not keep."""
     name, _, rest = policy.partition(":")
     eps, _, scale = rest.partition(":")
     if (
@@ -326,7 +328,7 @@ def mirror_flags(policy: str) -> list[str]:
     if name == "default":
         return []
     flags = [MIRROR_FLAG, name, *([MIRROR_EPS_FLAG, str(float(eps))] if eps else [])]
-    return flags + ([MIRROR_SCALE_FLAG, scale] if scale else [])
+    return flags + ([MIRROR_SCALE_FLAG, scale or "token"] if eps else [])
 
 
 def mirror_of_label(label: str) -> str:

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="--tokendance-mirror policies of the tokendance rows (default: the server's own, "
         "no flag; keep: the recomputed slots "
         "stay the agent's; drop: freed after prefill, decode reads the master; threshold:EPS: "
-        "freed where K/V stayed within EPS of the master's, e.g. threshold:0.05)",
+        "freed where K/V stayed within EPS of the master's, e.g. threshold:0.05; "
+        "threshold:EPS:layer: the same relative to the layer's mean master norm, "
+        "--tokendance-mirror-scale layer)",
     )
     ap.add_argument(
         "--policies",

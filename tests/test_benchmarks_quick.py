@@ -210,7 +210,9 @@ def test_mirror_specs_pass_every_policy_but_the_default_explicitly() -> None:
     assert common.mirror_flags("keep") == ["--tokendance-mirror", "keep"]
     assert common.mirror_flags("threshold:0.6") == [
         "--tokendance-mirror", "threshold", "--tokendance-mirror-eps", "0.6",
+        "--tokendance-mirror-scale", "token",
     ]  # fmt: skip
+    assert common.mirror_flags("threshold") == ["--tokendance-mirror", "threshold"]
     assert common.mirror_flags("threshold:0.3:layer")[-2:] == ["--tokendance-mirror-scale", "layer"]
     for bad in ("keep:0.5", "threshold:0.5:norm", "threshold::layer"):
         with pytest.raises(ValueError, match="default, keep, drop or threshold"):

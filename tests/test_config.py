@@ -18,9 +18,10 @@ def _parse(argv: list[str]) -> TokenDanceConfig:
 def test_defaults_and_flags_parse() -> None:
     assert _parse([]) == TokenDanceConfig()
     d = TokenDanceConfig()
-    assert (d.mirror, d.mirror_eps, d.selection, d.master_policy) == (
+    assert (d.mirror, d.mirror_scale, d.mirror_eps, d.selection, d.master_policy) == (
         "threshold",
-        0.5,
+        "layer",
+        0.6,
         "both",
         "author",
     )

@@ -13,8 +13,8 @@ after RoPE at the master's slot position, so it is rotated by ``slot_pos[mine] -
 slot_pos[ref]`` (:func:`.rope.rotate_by_delta`'s rotation); V carries no position. Norms
 run over all heads of the layer. Layer 0's K/V depend on the token and its position only,
 so there the difference is float rounding; the context shows from layer 1 on. The scale of
-``dev`` is the model's (trained model, GA rounds: median 0.32-0.56; the tiny
-random-weight model: all under 0.32).
+``dev`` is the model's (per-token scale, trained model, GA rounds: median 0.32-0.56; the
+tiny random-weight model: all under 0.32).
 
 The :class:`MirrorJudge` rides on the request pool's ``PoolState`` like the probe board: the
 collector (scheduler side) asks it, the batch hooks bind it to the model runner's KV pool and

@@ -11,7 +11,7 @@ for pol in "threshold 1.0" "drop 0"; do
   name=$1-$2
   python -m sglang_tokendance.replay runs/society_n64_trim.jsonl --mode tokendance --model $M \
     --server-args "--max-total-tokens 300000 --max-running-requests 64 \
-    --tokendance-mirror $1 --tokendance-mirror-eps $2" --no-progress \
+    --tokendance-mirror $1 --tokendance-mirror-eps $2 --tokendance-mirror-scale token" --no-progress \
     --server-log $OUT/tokendance-$name.log --report $OUT/tokendance-$name.json \
     > $OUT/tokendance-$name.txt
 done

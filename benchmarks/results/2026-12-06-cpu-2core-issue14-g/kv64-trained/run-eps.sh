@@ -17,7 +17,7 @@ M=sglang_tokendance/models/trained
 ARGS="--max-total-tokens 300000 --max-running-requests 64"
 for eps in "${EPS[@]}"; do
   python -m sglang_tokendance.replay runs/society_n64_trim.jsonl --mode tokendance --model $M \
-    --server-args "$ARGS --tokendance-mirror threshold --tokendance-mirror-eps $eps" \
+    --server-args "$ARGS --tokendance-mirror threshold --tokendance-mirror-eps $eps --tokendance-mirror-scale token" \
     --no-progress --server-log $OUT/tokendance-eps$eps.log \
     --report $OUT/tokendance-eps$eps.json > $OUT/tokendance-eps$eps.txt
 done
