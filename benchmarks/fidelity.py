@@ -530,6 +530,29 @@ def paired_lines(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def between_policy_lines(result: dict[str, Any]) -> list[str]:
+    """Markdown lines: every pair of non-keep mirror rows of a group, head to head (the later
+    row of the table over the earlier), where both loops saw the same prompts (open loop)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for x in sorted_rows(result):
+        if x.get("mirror") not in (None, "keep", "default") and not x.get("closed_loop"):
+            groups.setdefault(_group(x), []).append(x)
+    out = []
+    for rows in groups.values():
+        for i, base in enumerate(rows):
+            for x in rows[i + 1 :]:
+                p = paired_vs_keep(x, base)
+                if p is None:
+                    continue
+                lo, hi = p["kl_decode_ratio_ci95"]
+                out.append(
+                    f"- {x['mirror']} / {base['mirror']} ({_server(x['label'])}), per request "
+                    f"(n {p['n']}): decode KL x{p['kl_decode_ratio']:.3f} [{lo:.3f}-{hi:.3f}] "
+                    f"(bootstrap 95%); exact answers lost {p['lost']}, gained {p['gained']}"
+                )
+    return out
+
+
 def closed_loop_lines(result: dict[str, Any]) -> list[str]:
     """What the closed-loop rows reused (authored masters vs fresh ones in round 2)."""
     out = []
@@ -611,6 +634,8 @@ def markdown(result: dict[str, Any]) -> str:
             *closed_loop_lines(result),
             "",
             *paired_lines(result),
+            "",
+            *between_policy_lines(result),
             "",
             f"Sanity (ratio 1.0 exact match == 1.0): {result['sanity_ok']}",
         ]

@@ -267,6 +267,22 @@ def test_paired_vs_keep_counts_lost_and_gained_answers_and_the_decode_kl_ratio()
     assert fidelity.paired_vs_keep(row, {"requests": []}) is None
 
 
+def test_between_policy_lines_pair_the_open_loop_threshold_rows_head_to_head() -> None:
+    from benchmarks import fidelity
+
+    def row(mirror: str, kl: float, closed: bool = False) -> dict:
+        label = f"tokendance[both]@0.15 ({mirror} mirrors)" + (" closed loop" if closed else "")
+        reqs = [{"key": [1, "a"], "error": None, "exact": True, "kl_decode": kl}]
+        head = {"label": label, "mode": "tokendance", "ratio": 0.15, "selection": "both"}
+        return head | {"policy": None, "mirror": mirror, "closed_loop": closed, "requests": reqs}
+
+    rows = [row("keep", 1.0), row("threshold 0.5", 2.0), row("threshold 0.6 layer", 3.0)]
+    lines = fidelity.between_policy_lines({"rows": [*rows, row("threshold 0.5", 9.0, True)]})
+    assert len(lines) == 1  # keep and the closed-loop row are left out
+    assert lines[0].startswith("- threshold 0.6 layer / threshold 0.5 (")
+    assert "decode KL x1.500 [1.500-1.500]" in lines[0]
+
+
 def test_each_decode_steps_distribution_is_the_one_its_greedy_token_came_from(
     request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
