@@ -12,7 +12,7 @@ together with the ``openai`` client; the hint travels as an extra body field::
 
 ``--route chat`` sends persona as the system message and the rest as the user message (the
 hint's spans then cover the joined message texts); ``--route separator`` sends the hint inside
-the prompt text (``hints.build_separated``) for clients that can send nothing but text. The
+the prompt text (``hints_text.build_separated``) for clients that can send nothing but text. The
 server must run with ``--enable-tokendance`` and the plugin's OpenAI hooks.
 """
 
@@ -28,7 +28,8 @@ import openai
 import requests
 
 from sglang_tokendance.config import DEFAULT_SEPARATOR
-from sglang_tokendance.hints import build_request, build_separated
+from sglang_tokendance.hints import build_request
+from sglang_tokendance.hints_text import build_separated
 from sglang_tokendance.routing import ROUTING_HEADER, default_group, routing_headers
 
 NAMES = ["Amara Okafor", "Bastian Lindqvist", "Chiara Nakamura", "Dmitri Haddad", "Elena Moreau"]

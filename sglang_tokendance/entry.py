@@ -32,9 +32,9 @@ from sglang_tokendance.hints import (
     HintError,
     find_action,
     parse_payload,
-    parse_separated,
     tokenize_segments,
 )
+from sglang_tokendance.hints_text import parse_separated
 from sglang_tokendance.routing import group_of, stable_rank
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ worker behind SGLang's gateway ``smg``), so a round is seen whole and round r+1 
 masters. Without it the group is derived from the round id (``routing.default_group``). Clients
 also send it as the HTTP header ``X-SMG-Routing-Key`` (``routing.routing_headers``), which the
 gateway's ``consistent_hashing`` policy reads. Text-only clients (OpenAI-style) instead put
-separators in the prompt (see :func:`parse_separated`). Either way the server tokenizes every
+separators in the prompt (see :mod:`.hints_text`). Either way the server tokenizes every
 segment on its own, so equal shared text gives equal token ids wherever it sits.
 """
 
@@ -83,7 +83,8 @@ class HintError(ValueError):
     """A malformed TokenDance hint (the request is refused with a 400-class error)."""
 
 
-def _require(cond: bool, msg: str) -> None:
+def require_hint(cond: bool, msg: str) -> None:
+    """Raise :class:`HintError` with ``msg`` unless ``cond`` holds."""
     if not cond:
         raise HintError(f"invalid TokenDance hint: {msg}")
 
@@ -103,56 +104,56 @@ def parse_payload(payload: Any, text_len: int | None) -> AgentHint:
     Raises:
         HintError: naming the first problem found.
     """
-    _require(isinstance(payload, dict), "payload must be an object")
+    require_hint(isinstance(payload, dict), "payload must be an object")
     rnd = payload.get("round")
-    _require(
+    require_hint(
         isinstance(rnd, (str, int)) and not isinstance(rnd, bool) and str(rnd) != "",
         "'round' must be a non-empty string or an integer",
     )
     size = payload.get("round_size")
-    _require(
+    require_hint(
         isinstance(size, int) and not isinstance(size, bool) and size >= 1,
         f"'round_size' must be an integer >= 1, got {size!r}",
     )
     agent = payload.get("agent")
-    _require(isinstance(agent, str) and agent != "", "'agent' must be a non-empty string")
+    require_hint(isinstance(agent, str) and agent != "", "'agent' must be a non-empty string")
     group = payload.get("group")
-    _require(
+    require_hint(
         group is None or (isinstance(group, str) and group != ""),
         f"'group' must be a non-empty string when given, got {group!r}",
     )
     segs = payload.get("segments")
-    _require(isinstance(segs, list) and len(segs) > 0, "'segments' must be a non-empty list")
+    require_hint(isinstance(segs, list) and len(segs) > 0, "'segments' must be a non-empty list")
     out: list[SegmentSpan] = []
     pos = 0
     for i, s in enumerate(segs):
-        _require(isinstance(s, dict), f"segment {i} must be an object")
+        require_hint(isinstance(s, dict), f"segment {i} must be an object")
         typ = s.get("type")
-        _require(typ in SEGMENT_TYPES, f"segment {i}: unknown type {typ!r} (private|shared)")
+        require_hint(typ in SEGMENT_TYPES, f"segment {i}: unknown type {typ!r} (private|shared)")
         start, end = s.get("start"), s.get("end")
-        _require(
+        require_hint(
             _is_int(start) and _is_int(end),
             f"segment {i}: 'start' and 'end' must be integers, got {start!r} and {end!r}",
         )
-        _require(
+        require_hint(
             start == pos,
             f"segment {i}: starts at {start}, expected {pos} (spans must tile the text in order)",
         )
-        _require(end > start, f"segment {i}: empty or reversed span [{start}, {end})")
+        require_hint(end > start, f"segment {i}: empty or reversed span [{start}, {end})")
         if text_len is not None:
-            _require(
+            require_hint(
                 end <= text_len,
                 f"segment {i}: span [{start}, {end}) out of range (text has {text_len} characters)",
             )
         sid = s.get("id")
         if typ == "shared":
-            _require(isinstance(sid, str) and sid != "", f"segment {i}: shared needs an 'id'")
+            require_hint(isinstance(sid, str) and sid != "", f"segment {i}: shared needs an 'id'")
         ts, te = s.get("tok_start", -1), s.get("tok_end", -1)
-        _require(_is_int(ts) and _is_int(te), f"segment {i}: bad token span")
+        require_hint(_is_int(ts) and _is_int(te), f"segment {i}: bad token span")
         out.append(SegmentSpan(typ, start, end, sid if typ == "shared" else None, ts, te))
         pos = end
     if text_len is not None:
-        _require(pos == text_len, f"spans end at {pos} but the text has {text_len} characters")
+        require_hint(pos == text_len, f"spans end at {pos} but the text has {text_len} characters")
     return AgentHint(str(rnd), size, agent, tuple(out), group)
 
 
@@ -172,12 +173,12 @@ def find_action(envelope: Any) -> dict[str, Any] | None:
         atype = a.get("action_type") if isinstance(a, dict) else a.action_type
         if atype != ACTION_TYPE:
             continue
-        _require(
+        require_hint(
             str(protocol) == PROTOCOL_VERSION,
             f"kv_hints protocol_version {protocol!r} not supported (expected {PROTOCOL_VERSION!r})",
         )
         version = a.get("action_version") if isinstance(a, dict) else a.action_version
-        _require(
+        require_hint(
             str(version) == ACTION_VERSION,
             f"action_version {version!r} not supported (expected {ACTION_VERSION!r})",
         )
@@ -206,7 +207,7 @@ def tokenize_segments(
         segs.append(SegmentSpan(s.type, s.start, s.end, s.id, len(ids), len(ids) + len(part)))
         ids.extend(part)
     for s in segs:
-        _require(s.tok_end > s.tok_start, f"segment [{s.start}, {s.end}) tokenizes to nothing")
+        require_hint(s.tok_end > s.tok_start, f"segment [{s.start}, {s.end}) tokenizes to nothing")
     return ids, AgentHint(hint.round, hint.round_size, hint.agent, tuple(segs), hint.group)
 
 
@@ -264,84 +265,3 @@ def build_request(
         ],
     }
     return text, envelope
-
-
-# ---- text-separator form ----------------------------------------------------------------------
-def build_separated(
-    segments: Sequence[tuple[str, str | None, str]],
-    round_id: str | int,
-    round_size: int,
-    agent: str,
-    sep: str,
-    group: str | None = None,
-) -> str:
-    """The same request as plain text for text-only clients.
-
-    Layout: ``SEP round=R;size=N;agent=A[;group=G] SEP`` then each segment as
-    ``SEP@shared:ID SEP text`` or ``SEP@private SEP text``. The separators and headers are
-    removed by the server.
-    """
-    head = f"round={round_id};size={round_size};agent={agent}"
-    if group is not None:
-        head += f";group={group}"
-    out = [f"{sep}{head}{sep}"]
-    for typ, sid, seg_text in segments:
-        tag = f"@shared:{sid}" if typ == "shared" else "@private"
-        out.append(f"{sep}{tag}{sep}{seg_text}")
-    return "".join(out)
-
-
-def parse_separated(text: str, sep: str) -> tuple[str, dict[str, Any]] | None:
-    """Parse the separator form; None if ``text`` does not start with a TokenDance header.
-
-    Returns:
-        ``(clean_text, payload)`` ready for :func:`parse_payload`.
-
-    Raises:
-        HintError: if the header or a segment tag is malformed.
-    """
-    if not text.startswith(sep):
-        return None
-    parts = text.split(sep)
-    # "", header, "", tag1, text1, "", tag2, text2, ...  -> after the header, (tag, text) pairs
-    _require(
-        len(parts) >= 3 and parts[2] == "",
-        "separator header must be SEP round=..;size=..;agent=.. SEP",
-    )
-    fields = dict(kv.split("=", 1) for kv in parts[1].split(";") if "=" in kv)
-    _require({"round", "size", "agent"} <= set(fields), "header needs round=, size= and agent=")
-    try:
-        size = int(fields["size"])
-    except ValueError:
-        raise HintError(
-            f"invalid TokenDance hint: size={fields['size']!r} is not an integer"
-        ) from None
-    body = parts[3:]
-    _require(
-        len(body) % 2 == 0 and body,
-        "each segment must be SEP@shared:ID SEP text or SEP@private SEP text",
-    )
-    segs, clean, pos = [], [], 0
-    for j in range(0, len(body), 2):
-        tag, seg_text = body[j], body[j + 1]
-        if tag == "@private":
-            seg = {"type": "private"}
-        elif tag.startswith("@shared:") and len(tag) > len("@shared:"):
-            seg = {"type": "shared", "id": tag[len("@shared:") :]}
-        else:
-            raise HintError(f"invalid TokenDance hint: unknown segment tag {tag!r}")
-        if not seg_text:
-            continue
-        seg.update(start=pos, end=pos + len(seg_text))
-        segs.append(seg)
-        clean.append(seg_text)
-        pos += len(seg_text)
-    payload = {
-        "round": fields["round"],
-        "round_size": size,
-        "agent": fields["agent"],
-        "segments": segs,
-    }
-    if "group" in fields:
-        payload["group"] = fields["group"]
-    return "".join(clean), payload

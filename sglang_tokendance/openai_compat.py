@@ -18,7 +18,7 @@ models, so the hook renders the template again (verified: it must encode to SGLa
 each message's content in it and moves the spans there, template text becoming private
 segments; the request is then sent as that text. A shared span that crosses a message
 boundary, or a prompt that cannot be recovered as text, is a 400. Text-only clients can instead
-use the separator form (``hints.build_separated``), which the entry hook parses on every route.
+use the separator form (``hints_text.build_separated``), which the entry hook parses on every route.
 
 Every hook is a no-op unless the server runs with ``--enable-tokendance``.
 """

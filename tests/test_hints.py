@@ -8,12 +8,11 @@ from sglang_tokendance.entry import RoundRegistry
 from sglang_tokendance.hints import (
     HintError,
     build_request,
-    build_separated,
     find_action,
     parse_payload,
-    parse_separated,
     tokenize_segments,
 )
+from sglang_tokendance.hints_text import build_separated, parse_separated
 
 SEGS = [
     ("private", None, "You are Ann. "),

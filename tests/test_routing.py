@@ -9,11 +9,10 @@ from sglang_tokendance.entry import RoundRegistry
 from sglang_tokendance.hints import (
     HintError,
     build_request,
-    build_separated,
     find_action,
     parse_payload,
-    parse_separated,
 )
+from sglang_tokendance.hints_text import build_separated, parse_separated
 from sglang_tokendance.rounds import RoundBarrier
 from sglang_tokendance.routing import (
     ROUTING_HEADER,
