@@ -133,7 +133,7 @@ def model_path(spec: str, arch: str = "llama") -> Path:
 
         return Path(build(spec, arch))
     if spec == "trained":
-        from sglang_tokendance.models.train import trained_model_dir
+        from sglang_tokendance.models.train_config import trained_model_dir
 
         try:
             return trained_model_dir()
@@ -149,7 +149,7 @@ def model_path(spec: str, arch: str = "llama") -> Path:
 
 def default_fidelity_model() -> str:
     """``trained`` when its weights are present (they are committed), else ``tiny``."""
-    from sglang_tokendance.models.train import trained_dir
+    from sglang_tokendance.models.train_config import trained_dir
 
     return "trained" if (trained_dir() / "model.safetensors").exists() else "tiny"
 

@@ -1,6 +1,6 @@
 """Decode attention of one all-gather round on the CPU torch path: rows vs shared.
 
-``rows`` (:func:`sglang_tokendance.attention.batch_plan.decode_batch`) gathers and rotates
+``rows`` (:func:`sglang_tokendance.attention.batch_exec.decode_batch`) gathers and rotates
 every row's keys; ``shared`` (:mod:`sglang_tokendance.attention.shared_decode`) reads the keys
 several rows hold once for the batch and rotates each row's query instead. Both run on the same
 synthetic round, built the way the collector lays rows out::
@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sglang_tokendance.attention import batch_exec as bx  # noqa: E402
 from sglang_tokendance.attention import batch_plan as bp  # noqa: E402
 from sglang_tokendance.attention import shared_decode as sd  # noqa: E402
 from sglang_tokendance.attention.rope import RopeParams  # noqa: E402
@@ -131,14 +132,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     q = torch.randn(args.rows, args.heads, args.head_dim)
     rows_plan = bp.plan_batch(w.rows, w.seq_lens, w.tables, rope, bp.DECODE_HEADROOM, sort=True)
-    groups = bp.decode_groups(rows_plan, w.k)
+    groups = bx.decode_groups(rows_plan, w.k)
     shared = sd.plan_shared(w.rows, w.seq_lens, w.tables, rope)
     if shared is None:
         raise ValueError("the round shares too little for the shared path (fewer masters?)")
-    ws_r, ws_s = bp.Workspace(), bp.Workspace()
+    ws_r, ws_s = bx.Workspace(), bx.Workspace()
 
     def by_rows() -> torch.Tensor:
-        return bp.decode_batch(q, w.k, w.v, rows_plan, rope, 0.25, ws_r, groups)
+        return bx.decode_batch(q, w.k, w.v, rows_plan, rope, 0.25, ws_r, groups)
 
     def by_shared() -> torch.Tensor:
         return sd.shared_decode(q, w.k, w.v, shared, rope, 0.25, ws_s)

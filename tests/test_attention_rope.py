@@ -11,12 +11,8 @@ import torch
 from transformers import LlamaConfig, Qwen2Config
 
 from sglang_tokendance.attention.reference import attend_ref
-from sglang_tokendance.attention.rope import (
-    RopeParams,
-    rope_module_from_config,
-    rope_params_from_model,
-    rotate_by_delta,
-)
+from sglang_tokendance.attention.rope import RopeParams, rotate_by_delta
+from sglang_tokendance.attention.rope_source import rope_module_from_config, rope_params_from_model
 
 SHAPE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
 

@@ -1,4 +1,5 @@
-"""The batched torch path (attention/batch_plan.py) against the float32 reference, on tensors."""
+"""The batched torch path (attention/batch_plan.py, batch_exec.py) against the float32
+reference, on tensors."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from sglang_tokendance.attention import batch_exec as bx
 from sglang_tokendance.attention import batch_plan as bp
 from sglang_tokendance.attention.reference import (
     decode_attention_ref,
@@ -49,7 +51,7 @@ class World:
 def test_decode_batch_matches_reference(
     neox: bool, rotary_dim: int, block_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bp, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(bx, "BLOCK_BYTES", block_bytes)
     rope = RopeParams.default(10000.0, D, rotary_dim, neox)
     w = World(rope)
     rows, seq = torch.tensor([1, 2, 3, 4]), [40, 30, 37, 33]
@@ -60,12 +62,12 @@ def test_decode_batch_matches_reference(
     plan = bp.plan_batch(rows, seq, w.tables, rope, headroom=8, sort=True)
     assert plan.order.tolist() == [1, 3, 2, 0]  # by length: 30, 33, 37, 40
     assert plan.moves == [True, True, True, False] and plan.rot is not None
-    ws = bp.Workspace()
+    ws = bx.Workspace()
     for _ in range(2):  # the second call reuses the workspace
-        torch.testing.assert_close(bp.decode_batch(q, w.k, w.v, plan, rope, 0.3, ws), want, **TOL)
+        torch.testing.assert_close(bx.decode_batch(q, w.k, w.v, plan, rope, 0.3, ws), want, **TOL)
     still = bp.plan_batch(rows[:1], [40], w.tables, rope)
     assert still.rot is None and still.moves == [False]
-    torch.testing.assert_close(bp.decode_batch(q[:1], w.k, w.v, still, rope, 0.3), want[:1], **TOL)
+    torch.testing.assert_close(bx.decode_batch(q[:1], w.k, w.v, still, rope, 0.3), want[:1], **TOL)
 
 
 def test_appended_plan_equals_a_rebuilt_one_and_stops_at_its_width() -> None:
@@ -120,7 +122,7 @@ def test_extend_rows_match_reference_for_rows_of_different_lengths() -> None:
     c = _extend_case()
     keys = bp.plan_batch(c.rows, c.seq, c.w.tables, c.rope)
     out = torch.empty_like(c.q)
-    bp.extend_rows(c.q, out, c.w.k, c.w.v, keys, c.ext, c.qpos, c.rope, 0.3)
+    bx.extend_rows(c.q, out, c.w.k, c.w.v, keys, c.ext, c.qpos, c.rope, 0.3)
     torch.testing.assert_close(out, c.want, **TOL)
 
 
@@ -136,11 +138,11 @@ def test_a_decode_row_gets_the_same_bits_alone_or_batched() -> None:
 
     def both() -> list[tuple[torch.Tensor, torch.Tensor]]:
         plan = bp.plan_batch(rows, seq, w.tables, rope, 64, sort=True)
-        batched = bp.decode_batch(q, w.k, w.v, plan, rope, 0.3)
+        batched = bx.decode_batch(q, w.k, w.v, plan, rope, 0.3)
         out = []
         for i in range(4):
             alone = bp.plan_batch(rows[i : i + 1], seq[i : i + 1], w.tables, rope, 64, sort=True)
-            out.append((bp.decode_batch(q[i : i + 1], w.k, w.v, alone, rope, 0.3)[0], batched[i]))
+            out.append((bx.decode_batch(q[i : i + 1], w.k, w.v, alone, rope, 0.3)[0], batched[i]))
         return out
 
     threads = torch.get_num_threads()
@@ -166,7 +168,7 @@ def test_decode_pads_each_row_to_its_own_bucket_not_the_batchs_longest() -> None
     tables = bp.Tables(r2t, pad(w.r2p), w.ll, w.spos)
     plan = bp.plan_batch(torch.tensor([1, 2, 5]), [40, 30, 200], tables, rope, 64, sort=True)
     assert plan.width == wide and plan.seq_lens == [30, 40, 200]
-    assert bp.decode_groups(plan, w.k) == [(0, 2, 128), (2, 3, 256)]
+    assert bx.decode_groups(plan, w.k) == [(0, 2, 128), (2, 3, 256)]
 
 
 def test_position_sorted_extend_attends_fewer_keys_and_matches_reference(
@@ -174,17 +176,17 @@ def test_position_sorted_extend_attends_fewer_keys_and_matches_reference(
 ) -> None:
     """A by-position plan cuts each row's queries into blocks that attend a prefix of the
     row's position-sorted keys; queries out of position order (row 2) are still exact."""
-    monkeypatch.setattr(bp, "QUERY_BLOCKS", 3)
-    monkeypatch.setattr(bp, "MIN_BLOCK_QUERIES", 4)
+    monkeypatch.setattr(bx, "QUERY_BLOCKS", 3)
+    monkeypatch.setattr(bx, "MIN_BLOCK_QUERIES", 4)
     c = _extend_case()
     keys = bp.plan_batch(c.rows, c.seq, c.w.tables, c.rope, by_position=True)
     for b, n in enumerate(c.seq):  # a row's positions are a permutation: sorted, 0..n-1
         assert keys.key_pos[b, :n].tolist() == list(range(n))
-    blocks = bp.extend_blocks(keys, c.ext, c.qpos)
+    blocks = bx.extend_blocks(keys, c.ext, c.qpos)
     assert blocks[0] == [(0, 13, 13), (13, 26, 26), (26, 40, 40)]  # causal: about half
     tops = [int(c.qpos[40:45].max()) + 1, int(c.qpos[45:50].max()) + 1]
     assert blocks[1] == [(0, 5, tops[0])]  # 5 queries: one block
     assert blocks[2][0] == (0, 5, tops[1]) and len(blocks[2]) == 2
     out = torch.empty_like(c.q)
-    bp.extend_rows(c.q, out, c.w.k, c.w.v, keys, c.ext, c.qpos, c.rope, 0.3, blocks=blocks)
+    bx.extend_rows(c.q, out, c.w.k, c.w.v, keys, c.ext, c.qpos, c.rope, 0.3, blocks=blocks)
     torch.testing.assert_close(out, c.want, **TOL)

@@ -78,6 +78,7 @@ def test_torch_path_extend_of_a_query_subset_equals_those_rows_of_the_full_exten
     """The torch tagged path after the check layer: the same key plan, fewer queries."""
     from test_attention_triton import _case
 
+    from sglang_tokendance.attention import batch_exec as bx
     from sglang_tokendance.attention import batch_plan as bp
     from sglang_tokendance.attention.rope import RopeParams
 
@@ -87,10 +88,10 @@ def test_torch_path_extend_of_a_query_subset_equals_those_rows_of_the_full_exten
         c["rows"], c["seqs"].tolist(), bp.Tables(c["r2t"], c["r2p"], c["ll"], c["sp"]), rope
     )
     full = torch.empty(c["q"].shape[0], 4, 16)
-    bp.extend_rows(c["q"], full, c["kb"], c["vb"], plan, c["exts"].tolist(), c["qpos"], rope,
+    bx.extend_rows(c["q"], full, c["kb"], c["vb"], plan, c["exts"].tolist(), c["qpos"], rope,
                    c["scale"])  # fmt: skip
     keep = torch.tensor([1, 4, 5, 6, 12, 18, 19, 24])  # rows: 5 -> 2, 14 -> 4, 6 -> 2
     sub = torch.empty(keep.numel(), 4, 16)
-    bp.extend_rows(c["q"][keep], sub, c["kb"], c["vb"], plan, [2, 4, 2], c["qpos"][keep], rope,
+    bx.extend_rows(c["q"][keep], sub, c["kb"], c["vb"], plan, [2, 4, 2], c["qpos"][keep], rope,
                    c["scale"])  # fmt: skip
     torch.testing.assert_close(sub, full[keep], atol=1e-6, rtol=1e-6)

@@ -16,7 +16,8 @@ import torch
 
 from sglang_tokendance.models.__main__ import main as models_main
 from sglang_tokendance.models.measures import induction_check
-from sglang_tokendance.models.train import load_model, trained_model_dir
+from sglang_tokendance.models.train_config import trained_model_dir
+from sglang_tokendance.models.train_eval import load_model
 from sglang_tokendance.server import ServerProcess
 
 PROMPT = "Isabella Rodriguez is planning a Valentine's Day party at Hobbs Cafe."

@@ -39,12 +39,8 @@ from typing import Any
 import torch
 
 from sglang_tokendance.accounting import MIRROR_DEV_EDGES
-from sglang_tokendance.attention.rope import (
-    RopeParams,
-    apply_rotation,
-    delta_cos_sin,
-    rope_params_from_model,
-)
+from sglang_tokendance.attention.rope import RopeParams, apply_rotation, delta_cos_sin
+from sglang_tokendance.attention.rope_source import rope_params_from_model
 from sglang_tokendance.config import MIRROR_SCALES
 from sglang_tokendance.state import pool_state
 

@@ -1,7 +1,7 @@
 """Shared decode: the master keys of a batch read once for all rows, not once per row.
 
 In a round every agent's row holds the same masters, each at its own offset: today's decode
-(:func:`.batch_plan.decode_batch`) gathers and rotates every row's copy of every master key.
+(:func:`.batch_exec.decode_batch`) gathers and rotates every row's copy of every master key.
 RoPE is a rotation, so ``q . R(d) k == R(-d) q . k``: instead of rotating a master's keys to
 each row's positions, rotate each row's query back by that row's delta for the master, and the
 master's keys are one tensor every row's query is multiplied with (a GEMM over the batch).
@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from sglang_tokendance.attention import batch_exec as bx
 from sglang_tokendance.attention import batch_plan as bp
 from sglang_tokendance.attention.rope import RopeParams, delta_cos_sin, full_width, swap_pairs
 
@@ -250,16 +251,16 @@ def shared_decode(
     plan: SharedPlan,
     rope: RopeParams,
     scale: float,
-    ws: bp.Workspace | None = None,
+    ws: bx.Workspace | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query per row (``q`` ``[B, H, D]``) -> ``[B, H, Dv]``.
 
     Shared tiles: one gather of their keys for the batch, each row's query rotated per tile,
-    one batched matmul; private keys: gathered and rotated per row (:func:`bp._gather`). One
+    one batched matmul; private keys: gathered and rotated per row (:func:`bx.gather_block`). One
     softmax over both parts, each kept in the layout its matmul produced (no transposed copy
     of the scores): their maxima and sums are joined instead.
     """
-    ws = ws or bp.Workspace()
+    ws = ws or bx.Workspace()
     nb, heads, dim = q.shape
     hkv = k_buffer.shape[1]
     rep = heads // hkv
@@ -278,7 +279,7 @@ def shared_decode(
     s_sh = s_sh.view(nt, hkv, nb, rep, tile).mul_(scale).add_(plan.bias)  # [NT,Hkv,B,rep,T]
     priv = plan.private
     n = max(priv.seq_lens)
-    kp, vp = bp._gather(ws, k_buffer, v_buffer, priv, 0, nb, n, rope)  # [B, n, Hkv, D]
+    kp, vp = bx.gather_block(ws, k_buffer, v_buffer, priv, 0, nb, n, rope)  # [B, n, Hkv, D]
     s_p = torch.matmul(qh.permute(1, 0, 2, 3), kp.to(f32).permute(0, 2, 3, 1))  # [B,Hkv,rep,n]
     s_p.mul_(scale).masked_fill_(~priv.valid[:, :n].view(nb, 1, 1, n), float("-inf"))
     top = torch.maximum(s_sh.amax(dim=(0, 4)), s_p.amax(dim=-1).transpose(0, 1))  # [Hkv,B,rep]

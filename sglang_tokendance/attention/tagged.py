@@ -7,9 +7,10 @@ written slot was rotated at and decides the batch's path (:mod:`.dispatch`). Per
 (:meth:`TaggedAttention.forward`), for tagged batches only: write K/V, then
 
 - triton: one extend or decode kernel launch for the whole batch (:mod:`.triton_ops`);
-- torch (:mod:`.batch_plan`): one vectorized key plan per forward (decode: kept across steps and
-  extended by the new token); gather + rotation + SDPA by blocks of rows sized to the cache, in
-  a reused workspace (decode: one SDPA per block; extend: per row).
+- torch: one vectorized key plan per forward (:mod:`.batch_plan`; decode: kept across steps
+  and extended by the new token); gather + rotation + SDPA by blocks of rows sized to the
+  cache, in a reused workspace (:mod:`.batch_exec`; decode: one SDPA per block; extend: per
+  row).
 
 Everything else (stock batches) never reaches this class: the user's backend runs.
 """
@@ -23,12 +24,14 @@ import torch
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from sglang_tokendance.attention import batch_exec as bx
 from sglang_tokendance.attention import batch_plan as bp
 from sglang_tokendance.attention import shared_decode as sd
 from sglang_tokendance.attention.blend import BlendPlan, key_deviation, seed_kv
 from sglang_tokendance.attention.deviation import get_probe_board, segment_deviation, span_of
 from sglang_tokendance.attention.dispatch import batch_is_tagged, resolve_path
-from sglang_tokendance.attention.rope import RopeParams, rope_params_from_model
+from sglang_tokendance.attention.rope import RopeParams
+from sglang_tokendance.attention.rope_source import rope_params_from_model
 from sglang_tokendance.attention.torch_path import gather_keys, plan_row
 from sglang_tokendance.config import TokenDanceConfig
 from sglang_tokendance.positions import get_position_table
@@ -89,8 +92,8 @@ class TaggedAttention:
         # forwards per path, and tagged decode steps per decode kind (the stats route)
         self.forwards = {"tagged": 0, "stock": 0, "decode_shared": 0, "decode_rows": 0}
         self._rows: list[int] = []
-        self._extend: tuple[bp.BatchKeys, list[int], list[list[bp.Block]]] | None = None
-        self._ws = bp.Workspace()  # gathered K/V of one block, reused by every layer
+        self._extend: tuple[bp.BatchKeys, list[int], list[list[bx.Block]]] | None = None
+        self._ws = bx.Workspace()  # gathered K/V of one block, reused by every layer
         self._groups: list[tuple[int, int, int]] = []  # decode blocks of this forward
         self._decode: bp.BatchKeys | sd.SharedPlan | None = None  # kept across decode steps
         self._decode_key: tuple[tuple[int, ...], int] | None = None
@@ -177,13 +180,13 @@ class TaggedAttention:
 
     def _extend_keys(
         self, fb: ForwardBatch
-    ) -> tuple[bp.BatchKeys, list[int], list[list[bp.Block]]]:
+    ) -> tuple[bp.BatchKeys, list[int], list[list[bx.Block]]]:
         """The extend's key plan and query blocks (once per forward, read by every layer)."""
         if self._extend is None:
             ext = host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens)
             seq = host_list(fb.seq_lens_cpu, fb.seq_lens)
             plan = bp.plan_batch(fb.req_pool_indices, seq, self.tables, self.rope, by_position=True)
-            self._extend = (plan, ext, bp.extend_blocks(plan, ext, fb.positions))
+            self._extend = (plan, ext, bx.extend_blocks(plan, ext, fb.positions))
         return self._extend
 
     def _decode_plan(self, fb: ForwardBatch) -> bp.BatchKeys | sd.SharedPlan:
@@ -211,7 +214,7 @@ class TaggedAttention:
             )
         self._decode, self._decode_key, self._decode_fb = plan, key, fb
         if isinstance(plan, bp.BatchKeys):
-            self._groups = bp.decode_groups(plan, self.kv_pool.get_key_buffer(0))
+            self._groups = bx.decode_groups(plan, self.kv_pool.get_key_buffer(0))
         self.forwards["decode_shared" if isinstance(plan, sd.SharedPlan) else "decode_rows"] += 1
         return plan
 
@@ -248,13 +251,13 @@ class TaggedAttention:
             if isinstance(plan, sd.SharedPlan):
                 o = sd.shared_decode(q_, kbuf, vbuf, plan, self.rope, layer.scaling, self._ws)
             else:
-                o = bp.decode_batch(
+                o = bx.decode_batch(
                     q_, kbuf, vbuf, plan, self.rope, layer.scaling, self._ws, self._groups
                 )
         else:
             o = q_.new_empty((q_.shape[0], heads, dv))
             keys, ext, blocks = self._extend_keys(fb)
-            bp.extend_rows(
+            bx.extend_rows(
                 q_, o, kbuf, vbuf, keys, ext, fb.positions, self.rope, layer.scaling, self._ws,
                 blocks,
             )  # fmt: skip

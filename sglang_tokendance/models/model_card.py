@@ -11,6 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from sglang_tokendance.models.train_config import TrainConfig  # the card describes its fields
+
 CARD = "README.md"
 TRAIN_INFO = "train_info.json"
 EVAL_INFO = "eval.json"
@@ -20,8 +22,6 @@ CURVE_PNG = "loss_curve.png"
 
 def write_card(d: Path, ev: dict[str, Any]) -> None:
     """(Re)write the model card ``README.md`` from ``train_info.json`` and ``ev``."""
-    from sglang_tokendance.models.train import TrainConfig  # the card describes its fields
-
     info = json.loads((d / TRAIN_INFO).read_text()) if (d / TRAIN_INFO).exists() else {}
     cfg = info.get("config", asdict(TrainConfig()))
     size_mb = (d / "model.safetensors").stat().st_size / 1e6
