@@ -282,8 +282,9 @@ def run(args: argparse.Namespace, pool: common.ServerPool | None = None) -> dict
             "round's latency (first request sent -> last answer: includes the barrier and "
             "queueing for KV) <= SLO; SLO = slo_k x mode off's worst-round latency at "
             "ref_agents agents (same workload, pool, machine), unless given; resident(N) = "
-            "every request answered AND no retraction AND in no round did an agent get its "
-            "first token after another agent of the round had finished (none waited for KV)"
+            "every request answered AND no retraction AND in no round whose pool was saturated "
+            "did an agent get its first token after another agent of the round had finished "
+            "(none waited for KV)"
         ),
         "config": {
             "model": common.model_label(args.model, model),

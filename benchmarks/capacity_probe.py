@@ -5,9 +5,12 @@ round's requests sent at once) and is SERVED when every request was answered, no
 retracted, and every round's latency (first request sent -> last answer, so it includes the
 round barrier and any wait for KV in SGLang's queue) is within the SLO. It is RESIDENT when
 every request was answered, none was retracted and, in every round, no agent got its first token
-after another agent of the round had finished: SGLang prefills every admitted request before it
-decodes, so a late first token means the request waited for KV. Resident capacity is what the
-pool holds, whatever the machine's speed.
+after another agent of the round had finished while the server saw the pool saturated (its
+round record's ``pool_saturated``; a round without a record counts every late first token).
+SGLang prefills every admitted request before it decodes, so under pool pressure a late first
+token means the request waited for KV; without pressure it is only a late arrival (with
+planning at arrival a round's first agent may finish before a slow client's last request is
+in). Resident capacity is what the pool holds, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ def probe(url: str, spec: TraceSpec, n: int, slo_ms: float | None) -> dict[str, 
     worst = max(lats) if lats else float("inf")
     within = slo_ms is None or worst <= slo_ms
     waited = [_waited(rr) for _, rr in res]
+    # a late first token is a wait for KV only where the server saw the pool saturated
+    for_kv = [w if sat is not False else 0 for w, sat in zip(waited, kv["saturated"], strict=True)]
     return {
         "agents": n,
         "served": ok and retractions == 0 and within,
@@ -112,9 +117,10 @@ def probe(url: str, spec: TraceSpec, n: int, slo_ms: float | None) -> dict[str, 
         "first_error": next((r.error for r in reps if r.error), None),
         "retractions": retractions,
         # per round: agents whose first token came after another agent of that round had
-        # finished (prefill runs before decode in SGLang, so they waited for KV)
-        "agents_waited": waited,
-        "resident": ok and retractions == 0 and not any(waited),
+        # finished, and those of them in rounds whose pool was saturated (waited for KV)
+        "agents_late": waited,
+        "agents_waited": for_kv,
+        "resident": ok and retractions == 0 and not any(for_kv),
         # the server's peak of KV held for running work in each round (tokens), and the pool:
         # a resident limit with the peak near the pool is the pool's arithmetic
         "kv_tokens_peak": kv["peaks"],

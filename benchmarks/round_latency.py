@@ -13,6 +13,9 @@ Cases (each its own trace, model and server flags; every mode of a case uses the
 - ``society16-capacity``: the capacity benchmark's society probe at 16 agents (2 rounds, 16
   output tokens, pool 32,768, every mode on the position-aware attention path as there): where
   its rounds spend their time near off's pool limit.
+- ``society32-capacity``: the same probe at 32 agents (off's pool limit is 18 agents there:
+  off's rounds queue for KV, tokendance's do not): where tokendance's round spends its time
+  past off's limit.
 - ``society32-trained``: 32 agents x 3 rounds, 70 private / 11 shared words (prompts fit the
   trained model's 4,096-token context), the trained model (real attention patterns: its
   threshold mirror policy keeps part of the diff, the random models' frees all of it).
@@ -94,6 +97,11 @@ CASES: dict[str, Case] = {
         "tiny",
         "--max-total-tokens 32768 --tokendance-uniform-attention",
         dict(SOCIETY, agents=16, rounds=2, max_tokens=16),
+    ),
+    "society32-capacity": Case(
+        "tiny",
+        "--max-total-tokens 32768 --tokendance-uniform-attention",
+        dict(SOCIETY, agents=32, rounds=2, max_tokens=16),
     ),
     "society32-trained": Case(
         "trained",
@@ -206,7 +214,11 @@ def run_case(name: str, case: Case, args: argparse.Namespace, pool: Any) -> list
     servers = {m: pool.get(k) for m, k in keys.items()}
     for m, srv in servers.items():  # warm-up: the first forwards of new shapes are slow
         common.warm_up(srv.url)
-        replay(trace, srv.url, ReplayOptions(mode=mode_of[m], progress=False, max_rounds=1))
+        # a fresh prefix: cases share servers, and a round id never repeats on one
+        warm = ReplayOptions(
+            mode=mode_of[m], progress=False, max_rounds=1, round_prefix=common.run_prefix("warm")
+        )
+        replay(trace, srv.url, warm)
     runs = []
     names = arms(args)
     bar = tqdm(total=args.repeats * len(names), desc=name, unit="run", disable=None)

@@ -118,11 +118,17 @@ class Accounting:
         pool_tokens: int = 0,
         queued: int = 0,
         parts: KVParts | None = None,
+        kv_blocked: bool = False,
     ) -> None:
         """Track the peak of ``used_tokens`` (pool - free - evictable) overall and per round,
         with who held it (``parts``, kept at each peak), how close each round came to a full
-        pool (``queued``: requests waiting in SGLang's queue meanwhile), and count each hinted
-        request's prompt once, at its first prefill."""
+        pool (``queued``: requests waiting in SGLang's queue meanwhile; ``kv_blocked``: SGLang's
+        last admission pass stopped for want of KV, not of request rows), and count each hinted
+        request's prompt once, at its first prefill.
+
+        A round queued for memory when requests waited while the pool was nearly full, or while
+        SGLang refused the next one for KV: SGLang reserves decode room for running requests and
+        admits a prompt only whole, so requests wait with several percent of the pool free."""
         assert parts is None or sum(parts) == used_tokens, (parts, used_tokens)
         parts = parts if parts is not None else KVParts(rows=used_tokens)
         if used_tokens > self.peak_used_tokens:
@@ -145,7 +151,9 @@ class Accounting:
                 rc.min_free_tokens = (
                     free if rc.min_free_tokens is None else min(rc.min_free_tokens, free)
                 )
-                rc.queued_for_memory |= queued > 0 and free < SATURATED_SHARE * self.pool_tokens
+                rc.queued_for_memory |= queued > 0 and (
+                    kv_blocked or free < SATURATED_SHARE * self.pool_tokens
+                )
                 seen.add(st.round_id)
             if is_extend and not st.counted:
                 st.counted = True

@@ -200,6 +200,11 @@ class TokenDanceScheduler:
         cache = sched.tree_cache
         used = int(alloc.size - alloc.available_size() - cache.evictable_size())
         queued = len(sched.waiting_queue)
+        # SGLang marks the running batch full when a prompt did not fit (KV) or no request row
+        # was left; with rows left, it was the KV
+        blocked = bool(sched.running_batch.batch_is_full) and (
+            sched.req_to_token_pool.available_size() > 0
+        )
         self.acct.observe_batch(
             batch.reqs,
             batch.forward_mode.is_extend(),
@@ -207,6 +212,7 @@ class TokenDanceScheduler:
             int(alloc.size),
             queued,
             kv_parts(cache, used),
+            kv_blocked=blocked,
         )
         if self.metrics is not None:
             self.metrics.update(self, batch.forward_mode.is_extend())

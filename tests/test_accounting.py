@@ -33,6 +33,19 @@ def test_rounds_are_counted_once_with_their_peak_and_saturation() -> None:
     assert acct.counters.requests == 3 and acct.last_round == "r2"
 
 
+def test_a_round_whose_requests_sglang_refused_for_kv_is_saturated() -> None:
+    """SGLang keeps decode room and admits prompts whole: requests wait with 10% free."""
+    acct = Accounting()
+    a = req("r1", "a", 100, 0)
+    acct.observe_batch([a], True, used_tokens=900, pool_tokens=1000, queued=3)  # rows cap
+    assert acct.round_report(2)[-1]["pool_saturated"] is False
+    acct.observe_batch([a], False, used_tokens=900, pool_tokens=1000, queued=3, kv_blocked=True)
+    assert acct.round_report(2)[-1]["pool_saturated"] is True
+    b = req("r2", "b", 100, 0)
+    acct.observe_batch([b], True, used_tokens=900, pool_tokens=1000, queued=0, kv_blocked=True)
+    assert acct.round_report(2)[-1]["pool_saturated"] is False  # nobody waited
+
+
 def test_requests_without_a_record_are_not_counted() -> None:
     acct = Accounting()
     plain = SimpleNamespace(origin_input_ids=[0] * 9, prefix_len=0)
