@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from sglang_tokendance.server import build_command, server_env
+from sglang_tokendance.server import build_command
+from sglang_tokendance.server_env import server_env
 
 
 def _serve(argv: list[str]) -> int:

@@ -22,6 +22,8 @@ from types import TracebackType
 import psutil
 import requests
 
+from sglang_tokendance.server_env import server_env
+
 logger = logging.getLogger(__name__)
 
 # Flags SGLang needs on a CPU-only machine (see sglang-0.5.23-notes.md); any can be overridden.
@@ -71,51 +73,9 @@ def build_command(model_path: str | Path, port: int, extra: list[str] | None = N
 
 
 POLL_S = 0.2  # between /health_generate polls while a server starts
-
-BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
-_SIZE_FLAGS = {"--dp-size": "dp", "--dp": "dp", "--tp-size": "tp", "--tp": "tp"}
-
-
-def world_size(argv: list[str]) -> int:
-    """dp x tp of a launch_server argv (1 when neither flag is given)."""
-    sizes = {"dp": 1, "tp": 1}
-    for i, arg in enumerate(argv):
-        flag, eq, value = arg.partition("=")
-        if flag in _SIZE_FLAGS:
-            if not eq:
-                value = argv[i + 1] if i + 1 < len(argv) else "1"
-            sizes[_SIZE_FLAGS[flag]] = int(value)
-    return sizes["dp"] * sizes["tp"]
-
-
-def cpu_threads_bind(world: int, cpus: list[int]) -> str:
-    """``SGLANG_CPU_OMP_THREADS_BIND`` for ``world`` ranks: the cores split into ``world``
-    contiguous groups, ``"0|1"`` for 2 ranks on 2 cores (ranks share cores when there are
-    more ranks than cores)."""
-    cpus = sorted(cpus)
-    if world > len(cpus):
-        return "|".join(str(cpus[r % len(cpus)]) for r in range(world))
-    groups = []
-    for r in range(world):
-        part = cpus[r * len(cpus) // world : (r + 1) * len(cpus) // world]
-        groups.append(str(part[0]) if len(part) == 1 else f"{part[0]}-{part[-1]}")
-    return "|".join(groups)
-
-
-def server_env(argv: list[str] | None = None) -> dict[str, str]:
-    """The server's environment. With dp x tp > 1 it sets ``SGLANG_CPU_OMP_THREADS_BIND``
-    unless the user has: SGLang's CPU path otherwise asserts one NUMA node per rank, and these
-    machines have one."""
-    env = dict(os.environ)
-    env["SGLANG_USE_CPU_ENGINE"] = "1"
-    env.pop("TRITON_INTERPRET", None)  # a test-process setting; the server runs torch code
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    world = world_size(argv or [])
-    if world > 1 and not env.get(BIND_ENV):
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        env[BIND_ENV] = cpu_threads_bind(world, cpus or list(range(os.cpu_count() or 1)))
-        logger.info("%s=%s (%d ranks)", BIND_ENV, env[BIND_ENV], world)
-    return env
+# in the server's log: uvicorn's bind error; SGLang's check of its own ports (it then exits)
+PORT_TAKEN = ("address already in use", "Port is already in use")
+PORT_RETRIES = 2  # relaunches on a new port when a port we chose was taken meanwhile
 
 
 class ServerProcess:
@@ -144,9 +104,9 @@ class ServerProcess:
 
             model_path = build("tiny", "llama")
         self.model_path = str(model_path)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.argv = build_command(self.model_path, self.port, extra_args)
+        self._extra = list(extra_args or [])
+        self._own_port = port is None  # a port we chose may be re-chosen (see wait_ready)
+        self._use_port(port or free_port())
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="sglang-server-", suffix=".log")
             os.close(fd)
@@ -156,11 +116,21 @@ class ServerProcess:
         self.env = {**server_env(self.argv), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self._deadline = 0.0
+        self._launches = 0
+        self._log_start = 0
+
+    def _use_port(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.argv = build_command(self.model_path, port, self._extra)
 
     def launch(self) -> ServerProcess:
         """Start the server process without waiting for it (then :meth:`wait_ready`)."""
         logger.info("starting: %s", " ".join(self.argv))
-        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process in stop()
+        mode = "ab" if self._launches else "wb"  # a relaunch keeps the first try's log
+        self._launches += 1
+        log = open(self.log_path, mode)  # noqa: SIM115 - closed with the process in stop()
+        self._log_start = log.tell()  # where this launch's output begins
         self._log_file = log
         self.proc = subprocess.Popen(
             self.argv,
@@ -174,24 +144,43 @@ class ServerProcess:
 
     def wait_ready(self) -> ServerProcess:
         """Wait until the launched server's /health_generate answers (``startup_timeout_s``
-        from :meth:`launch`).
+        from :meth:`launch`; it is asked at least once, however late this is called).
+
+        The free port chosen at construction is only free at that moment: servers starting
+        side by side pick ports of their own meanwhile (SGLang's internal ones too), and one may
+        take ours before uvicorn binds it, 30-60 s later on 2 busy cores. The server then logs
+        the bind error and never answers (nor exits); when the port was ours to choose, it is
+        relaunched on a new one (:data:`PORT_RETRIES` times; :attr:`url` changes).
 
         Raises:
             RuntimeError: if the process exits or does not answer in time (log tail included);
                 the server is stopped first.
         """
         assert self.proc is not None, "launch() first"
-        while time.monotonic() < self._deadline:
-            if self.proc.poll() is not None:
+        retries = PORT_RETRIES if self._own_port else 0
+        while True:
+            exited = self.proc.poll() is not None
+            if not exited:
+                try:
+                    if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
+                        return self
+                except requests.RequestException:
+                    pass
+            if retries and any(m in self._log_end() for m in PORT_TAKEN):
+                retries -= 1
+                logger.warning("port %d was taken before the server bound it; relaunching "
+                               "on another", self.port)  # fmt: skip
+                self.stop()
+                self._use_port(free_port())
+                self.launch()
+                continue
+            if exited:
                 self.stop()
                 raise RuntimeError(
                     f"SGLang server exited with code {self.proc.returncode}:\n{self.log_tail()}"
                 )
-            try:
-                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
+            if time.monotonic() >= self._deadline:
+                break
             time.sleep(POLL_S)
         self.stop()
         raise RuntimeError(
@@ -230,6 +219,15 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _log_end(self, size: int = 4096) -> str:
+        """The last ``size`` bytes this launch wrote to the log (cheap to read at every poll)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(self._log_start, f.seek(0, os.SEEK_END) - size))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-n:])

@@ -15,7 +15,8 @@ import server_pool
 import torch
 from test_replay_shared import shared_process, shared_server
 
-from sglang_tokendance.server import ServerProcess, build_command, free_port, server_env
+from sglang_tokendance.server import ServerProcess, build_command, free_port
+from sglang_tokendance.server_env import server_env
 
 PROMPTS = [
     "Isabella Rodriguez is planning a Valentine's Day party at Hobbs Cafe.",
@@ -233,6 +234,36 @@ def test_server_is_stopped_when_the_test_body_fails(tiny_llama: Path, tmp_path: 
         if _pgid(p.pid) == pid and p.info["status"] != psutil.STATUS_ZOMBIE
     ]
     assert alive == []
+
+
+def test_a_server_whose_chosen_port_was_taken_meanwhile_relaunches_on_another(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process binds the free port we chose before uvicorn does (servers starting side
+    by side): the server logs the bind error and never answers; it is relaunched elsewhere."""
+    import socket
+
+    from sglang_tokendance import server as server_mod
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    chosen = iter([port])
+    real = server_mod.free_port
+    monkeypatch.setattr(server_mod, "free_port", lambda: next(chosen, 0) or real())
+    try:
+        with ServerProcess(tiny_llama, log_path=tmp_path / "s.log") as srv:
+            assert srv.port != port and srv.url.endswith(f":{srv.port}")
+            assert "address already in use" in srv.log()  # the first try's log is kept
+            r = requests.post(
+                srv.url + "/generate",
+                json={"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 2}},
+                timeout=60,
+            )
+            assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 2
+    finally:
+        taken.close()
 
 
 def _pgid(pid: int) -> int | None:

@@ -21,7 +21,7 @@ from sglang_tokendance.routing import (
     routing_headers,
     stable_rank,
 )
-from sglang_tokendance.server import cpu_threads_bind, world_size
+from sglang_tokendance.server_env import cpu_threads_bind, world_size
 from sglang_tokendance.stats import combine
 from sglang_tokendance.trace import loads_trace
 
