@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
+
+import torch
 
 Path = Literal["triton", "torch"]
 
@@ -54,3 +56,11 @@ def batch_is_tagged(rows: Iterable[int], laid_out_rows: set[int], uniform: bool)
     if uniform:
         return True
     return bool(laid_out_rows) and not laid_out_rows.isdisjoint(rows)
+
+
+def host_list(cpu: Any, dev: torch.Tensor | None) -> list[int]:
+    """Host copy of per-request integers, preferring SGLang's CPU mirror (no device sync)."""
+    src = cpu if cpu is not None else dev
+    if src is None:
+        return []
+    return [int(x) for x in (src.tolist() if isinstance(src, torch.Tensor) else src)]

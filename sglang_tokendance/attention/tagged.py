@@ -28,11 +28,11 @@ from sglang_tokendance.attention import batch_exec as bx
 from sglang_tokendance.attention import batch_plan as bp
 from sglang_tokendance.attention import shared_decode as sd
 from sglang_tokendance.attention.blend import BlendPlan, key_deviation, seed_kv
-from sglang_tokendance.attention.deviation import get_probe_board, segment_deviation, span_of
-from sglang_tokendance.attention.dispatch import batch_is_tagged, resolve_path
+from sglang_tokendance.attention.deviation import get_probe_board
+from sglang_tokendance.attention.dispatch import batch_is_tagged, host_list, resolve_path
 from sglang_tokendance.attention.rope import RopeParams
 from sglang_tokendance.attention.rope_source import rope_params_from_model
-from sglang_tokendance.attention.torch_path import gather_keys, plan_row
+from sglang_tokendance.attention.tagged_probes import ProbeSide, tp_sum
 from sglang_tokendance.config import TokenDanceConfig
 from sglang_tokendance.positions import get_position_table
 
@@ -43,15 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def host_list(cpu: Any, dev: torch.Tensor | None) -> list[int]:
-    """Host copy of per-request integers, preferring SGLang's CPU mirror (no device sync)."""
-    src = cpu if cpu is not None else dev
-    if src is None:
-        return []
-    return [int(x) for x in (src.tolist() if isinstance(src, torch.Tensor) else src)]
-
-
-class TaggedAttention:
+class TaggedAttention(ProbeSide):
     """Position-tagged attention over SGLang's pools for one model runner."""
 
     def __init__(self, model_runner: Any, cfg: TokenDanceConfig) -> None:
@@ -234,9 +226,9 @@ class TaggedAttention:
             # the seed is still in the slots: the deviation is measured before it is replaced
             seed = self.kv_pool.get_key_buffer(layer.layer_id)[fb.out_cache_loc[plan.tok].long()]
             plan.dev = key_deviation(k[plan.tok], seed.view_as(k[plan.tok]))
-            tp_sum = _tp_sum()
-            if tp_sum is not None:
-                plan.dev = tp_sum(plan.dev)
+            reduce = tp_sum()
+            if reduce is not None:
+                plan.dev = reduce(plan.dev)
         if save_kv_cache and k is not None and v is not None:
             self.kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v)
         heads, dv = layer.tp_q_head_num, layer.v_head_dim
@@ -278,66 +270,3 @@ class TaggedAttention:
             fb.extend_seq_lens, fb.positions, self.rope, layer.scaling,
             max_extend_len=max(ext) if ext else 0,
         )  # fmt: skip
-
-    # ---- deviation probes -----------------------------------------------------------------
-    def wants_probes(self, layer: RadixAttention, fb: ForwardBatch) -> bool:
-        """True at the check layer of an extend whose rows have deviation probes pending."""
-        return self.probing and layer.layer_id == self.probes.check_layer and fb is self._fb
-
-    def run_probes(
-        self, q: torch.Tensor, out: torch.Tensor, layer: RadixAttention, fb: ForwardBatch
-    ) -> None:
-        """Fill the deviation probes of this batch's rows at the check layer, from the layer's
-        queries and attention output ``out`` (it reads KV only, so it runs after the layer's
-        attention on either path).
-
-        Once per master computed (not per step): a loop over the probed rows is fine here; a
-        row's segments are scored in one batched attention (a master agent of a large round
-        holds dozens of segments), and the full-context attention is the forward's own.
-        """
-        rows = self._rows
-        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        o_ = out.reshape(-1, layer.tp_q_head_num, layer.v_head_dim)
-        k_cache = self.kv_pool.get_key_buffer(layer.layer_id)
-        v_cache = self.kv_pool.get_value_buffer(layer.layer_id)
-        seq_lens = host_list(fb.seq_lens_cpu, fb.seq_lens)
-        ext_lens = host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens)
-        start = 0
-        for i, row in enumerate(rows):
-            end = start + ext_lens[i]
-            probes = self.probes.rows.get(row)
-            if probes:
-                qpos = fb.positions[start:end].long()
-                spans = list(probes.values())
-                bounds = torch.tensor([[p.start, p.end] for p in spans], device=qpos.device)
-                # only the keys inside the spans: the segment-only attention reads no other
-                kpos = self.table.row_positions(row, seq_lens[i])
-                inside = torch.nonzero(span_of(kpos, bounds) >= 0).flatten()
-                slots = self.r2t_pool.req_to_token[row, : seq_lens[i]][inside]
-                plan = plan_row(slots, kpos[inside], self.table.slot_pos, self.rope)
-                keys, values = gather_keys(k_cache, plan, self.rope), v_cache[plan.slots]
-                dev, which = segment_deviation(
-                    q_[start:end], o_[start:end], keys, values, qpos, plan.key_pos, bounds,
-                    layer.scaling, _tp_sum(),
-                )  # fmt: skip
-                if which.numel():
-                    pos = qpos[which]
-                    seg = span_of(pos, bounds).cpu()
-                    dev, pos = dev.cpu(), pos.cpu()
-                    for s, p in enumerate(spans):
-                        mine = seg == s
-                        if bool(mine.any()):
-                            p.scores[pos[mine] - p.start] = dev[mine]
-            start = end
-
-
-def _tp_sum() -> Any:
-    """A sum over the TP ranks when there are several (deviation scores over all heads)."""
-    from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
-    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
-
-    try:
-        many = get_tensor_model_parallel_world_size() > 1
-    except (AssertionError, AttributeError, RuntimeError):  # no TP group (unit tests)
-        return None
-    return tensor_model_parallel_all_reduce if many else None
